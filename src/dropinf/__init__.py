@@ -1,0 +1,19 @@
+"""dropinf: training-data attribution with dropout-compressed influence functions.
+
+Scores are arrays of shape (n_query, n_train); scores[q, i] = −g̃_qᵀ H̃⁻¹ g̃_i, positive when
+up-weighting train example i raises query q's loss (harmful), negative when it helps.
+"""
+
+from .attribute import Attributor, CaptureOptions
+from .compress import Dropout, Gaussian, Identity
+from .errors import (ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
+                     IncompatibleMethodError, NonFiniteGradientError, NoTrackableLayersError)
+from .estimators import ExactHessian, GaussNewton
+from .store import Features
+
+__version__ = "0.1.0"
+
+__all__ = ["Attributor", "CaptureOptions", "Dropout", "Gaussian", "Identity", "ExactHessian",
+           "GaussNewton", "Features", "DropinfError", "ConfigError", "EmptyDataError",
+           "FeatureMismatchError", "IncompatibleMethodError", "NonFiniteGradientError",
+           "NoTrackableLayersError"]

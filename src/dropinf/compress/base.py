@@ -1,0 +1,96 @@
+"""The Compressor seam: how a per-example gradient block of length d_l becomes r_l numbers.
+
+A ``Compressor`` (user-facing options) builds one ``LayerCompressor`` per tracked layer. A layer
+compressor takes either
+
+* ``from_flat(g)``: per-example flat gradients ``g`` of shape (B, d_l) (torch.func fallback), or
+* ``from_linear(a, delta, has_bias)``: the inputs ``a`` (B, T, d_in) and output-gradients
+  ``delta`` (B, T, d_out) of an ``nn.Linear`` (the fused hook). The per-example weight gradient
+  is G_b = Σ_t δ_bt a_btᵀ; the bias gradient is Σ_t δ_bt.
+
+and returns (B, r_l). The base class implements ``from_linear`` by forming G and calling
+``from_flat``; compressors that can do better (Dropout, LoGra) override it so that the full
+per-example gradient is never formed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Protocol, Union, runtime_checkable
+
+import torch
+
+from ..capture.layers import LayerSpec
+from ..errors import ConfigError
+
+RSpec = Union[int, dict]
+
+
+def layer_seed(seed: int, layer_name: str, salt: int = 0) -> int:
+    """Stable per-layer seed: independent of layer order and of Python's hash randomisation."""
+    return (seed * 1_000_003 + zlib.crc32(layer_name.encode()) + salt * 7919) % (2**63 - 1)
+
+
+def resolve_r(r: RSpec, layer: LayerSpec) -> int:
+    """r for one layer: an int, or a dict {name or glob pattern: int} (first match wins)."""
+    import fnmatch
+
+    if isinstance(r, bool) or not isinstance(r, (int, dict)):
+        raise ConfigError(f"r must be an int or a dict layer-name -> int, got {r!r}")
+    if isinstance(r, int):
+        value = r
+    else:
+        value = None
+        for key, v in r.items():
+            if key == layer.name or fnmatch.fnmatchcase(layer.name, key) or key == "*":
+                value = v
+                break
+        if value is None:
+            raise ConfigError(f"r has no entry for tracked layer {layer.name!r}; keys: {list(r)}. "
+                              f"Add it or a pattern such as '*' as a default.")
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"r for layer {layer.name!r} must be a positive int, got {value!r}")
+    return value
+
+
+def linear_grad(a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """Full per-example Linear gradient (B, d_out*d_in [+ d_out]) from inputs and output-grads."""
+    g = torch.einsum("bto,bti->boi", delta, a).reshape(a.shape[0], -1)
+    if has_bias:
+        g = torch.cat([g, delta.sum(1)], dim=1)
+    return g
+
+
+class LayerCompressorBase:
+    """Shared behaviour of per-layer compressors. Subclasses set ``dim``/``r`` and ``from_flat``."""
+
+    dim: int
+    r: int
+
+    def from_flat(self, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
+        return self.from_flat(linear_grad(a, delta, has_bias))
+
+
+@runtime_checkable
+class LayerCompressor(Protocol):
+    dim: int
+    r: int
+
+    def from_flat(self, g: torch.Tensor) -> torch.Tensor: ...
+
+    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """User-facing compressor options. ``kind`` names the method; ``signature()`` is what must be
+    equal for two feature sets to be comparable (kind, seed, r, scale, ...)."""
+
+    kind: str
+
+    def build(self, layer: LayerSpec) -> LayerCompressor: ...
+
+    def signature(self) -> dict: ...

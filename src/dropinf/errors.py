@@ -1,0 +1,35 @@
+"""Exceptions raised by dropinf. Every message names the problem and what to do about it."""
+
+from __future__ import annotations
+
+
+class DropinfError(Exception):
+    """Base class for every error dropinf raises on purpose."""
+
+
+class ConfigError(DropinfError, ValueError):
+    """An option or an argument is invalid (bad r, unknown layer name, ...)."""
+
+
+class NoTrackableLayersError(ConfigError):
+    """The model has no module that dropinf can track with the given selection."""
+
+
+class EmptyDataError(DropinfError, ValueError):
+    """A data loader yielded no examples."""
+
+
+class NonFiniteGradientError(DropinfError, FloatingPointError):
+    """A per-example gradient contains NaN or inf; the message names the example ids."""
+
+
+class FeatureMismatchError(DropinfError, ValueError):
+    """Query and train features were produced by different models / layers / compressors / seeds."""
+
+
+class IncompatibleMethodError(DropinfError, TypeError):
+    """An estimator cannot run on the features of the chosen compressor (e.g. ExactHessian + Gaussian)."""
+
+
+class LossShapeError(DropinfError, ValueError):
+    """loss_fn(model, batch) did not return one loss per example."""

@@ -1,0 +1,109 @@
+"""The Estimator seam: train features in, a fitted preconditioner out, scores for any query.
+
+Score convention (paper eq. 1/3), for every estimator:
+
+    I(q, i) = − g̃_qᵀ H̃⁻¹ g̃_i        array shape (n_query, n_train)
+
+I > 0: up-weighting training example i *raises* query q's loss (i is harmful to q);
+I < 0: i helps q. Estimators differ only in what stands for H̃⁻¹.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..capture.layers import LayerSpec
+from ..errors import IncompatibleMethodError
+from ..store.features import Features
+
+
+@dataclass
+class FitContext:
+    """What an estimator may need besides the train features (ExactHessian and model-HVP LiSSA
+    re-run the model)."""
+
+    model: nn.Module
+    loss_fn: Callable
+    layers: list[LayerSpec]
+    compressors: dict
+    compressor: Any
+    train_loader: Optional[Any] = None
+    progress: bool = True
+
+
+@runtime_checkable
+class Fitted(Protocol):
+    def score(self, query: Features) -> torch.Tensor:
+        """(n_query, n_train) float32 scores with the sign convention above."""
+        ...
+
+    def self_scores(self) -> torch.Tensor:
+        """(n_train,) I(i, i)."""
+        ...
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    name: str
+
+    def fit(self, train: Features, ctx: FitContext) -> Fitted: ...
+
+
+def require_kind(estimator: str, compressor: Any, allowed: set[str]) -> None:
+    kind = getattr(compressor, "kind", type(compressor).__name__)
+    if kind not in allowed:
+        raise IncompatibleMethodError(
+            f"{estimator} cannot run on {kind!r} features; it supports compressors {sorted(allowed)}.")
+
+
+def cholesky_jitter(h: torch.Tensor, what: str) -> torch.Tensor:
+    """Cholesky factor of symmetric h; on failure add growing jitter to the diagonal and warn."""
+    L, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return L
+    scale = float(h.diagonal().abs().mean()) or 1.0
+    for k in range(-10, 1):
+        jitter = scale * 10.0**k
+        L, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if int(info) == 0:
+            warnings.warn(f"Cholesky of {what} failed (matrix not positive definite); added jitter "
+                          f"{jitter:.3g} to its diagonal. Scores are approximate; raise damping "
+                          f"if this persists.", stacklevel=3)
+            return L
+    raise torch.linalg.LinAlgError(f"Cholesky of {what} failed even with jitter; the matrix has "
+                                   f"non-finite entries or damping is far too small.")
+
+
+def paper_damping(g: torch.Tensor, factor: float = 0.1) -> float:
+    """λ_l = factor · mean squared entry of the (compressed) gradients (paper App. D.1)."""
+    if not g.numel():
+        return 0.0
+    return factor * sum(float((c.double() ** 2).sum()) for c in g.split(4096)) / g.numel()
+
+
+class RowScores:
+    """Fitted estimator whose scores are −Σ_l Q_l T_lᵀ for preconditioned train features T_l."""
+
+    def __init__(self, pre: dict[str, torch.Tensor], train: Features):
+        self.pre = pre  # layer -> (n, r_l) float32
+        self.train = train
+
+    def score(self, query: Features) -> torch.Tensor:
+        out = None
+        for name, t in self.pre.items():
+            s = query.data[name].to(t.dtype) @ t.T
+            out = s if out is None else out + s
+        if out is None:
+            return torch.zeros(query.n, self.train.n)
+        return -out
+
+    def self_scores(self) -> torch.Tensor:
+        out = torch.zeros(self.train.n, dtype=torch.float64)
+        for name, t in self.pre.items():
+            out += (self.train.data[name].double() * t.double()).sum(1)
+        return (-out).float()

@@ -1,0 +1,64 @@
+"""In-memory feature sets: compressed per-example gradients plus what makes them comparable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FeatureMismatchError
+
+
+@dataclass
+class Features:
+    """Compressed gradients of n examples.
+
+    data:      {layer name: tensor (n, r_l) float32, CPU}, in tracked-layer order
+    signature: JSON-able dict (model fingerprint, layers and shapes, compressor options);
+               two feature sets can be scored against each other only if signatures match
+    losses:    per-example losses (n,) at capture time
+    """
+
+    data: dict[str, torch.Tensor]
+    signature: dict
+    losses: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.data.values())).shape[0] if self.data else 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.data)
+
+    def mean(self) -> "Features":
+        """One pseudo-example whose features are the mean over examples (paper eq. 1's query)."""
+        return Features({k: v.mean(0, keepdim=True) for k, v in self.data.items()}, self.signature,
+                        self.losses.mean().reshape(1) if self.losses.numel() else self.losses)
+
+    def rows(self, start: int, stop: int) -> "Features":
+        return Features({k: v[start:stop] for k, v in self.data.items()}, self.signature,
+                        self.losses[start:stop] if self.losses.numel() else self.losses)
+
+
+def check_compatible(query: Features, train: Features) -> None:
+    """Raise FeatureMismatchError naming the first field where the two signatures differ."""
+    diffs = _diff(query.signature, train.signature, "")
+    if diffs:
+        raise FeatureMismatchError(
+            "query and train features are not comparable: "
+            + "; ".join(f"{path}: query={q} vs train={t}" for path, q, t in diffs[:5])
+            + ". Compute both with the same model, tracked layers and compressor (kind, r, seed).")
+
+
+def _diff(a, b, path):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
+        return out
+    if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        short = lambda v: (s if len(s := json.dumps(v, default=str)) < 80 else s[:77] + "...")
+        return [(path, short(a), short(b))]
+    return []
