@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture.engine import BatchCapture
+from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from .capture.functional import batch_size
 from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout, Identity
@@ -121,17 +121,21 @@ class Attributor:
         """Compressed per-example gradients of every example the loader yields, in order."""
         capture = BatchCapture(self.model, self.loss_fn, self.layers, self.compressors)
         parts: dict[str, list[torch.Tensor]] = {l.name: [] for l in self.layers}
-        losses, n = [], 0
+        losses, n, bad_ids, bad_layers = [], 0, [], set()
         total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
         with self._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not self.progress) as bar:
             for batch in loader:
                 batch = _to(batch, self.device)
-                feats, loss = capture(batch, first_id=n)
+                feats, loss = capture(batch)
+                ids, lays = nonfinite(feats, n)
+                bad_ids += ids
+                bad_layers.update(lays)
                 for k, v in feats.items():
                     parts[k].append(v.cpu())
                 losses.append(loss.cpu())
                 n += loss.shape[0]
                 bar.update(loss.shape[0])
+        raise_nonfinite(bad_ids, sorted(bad_layers))
         if n == 0:
             raise EmptyDataError(f"the {desc} loader yielded no examples; pass a non-empty DataLoader.")
         return Features({k: torch.cat(v) for k, v in parts.items()}, self.signature(), torch.cat(losses))

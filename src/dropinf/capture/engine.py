@@ -40,7 +40,7 @@ class BatchCapture:
                 f"Use reduction='none' (and sum over tokens per example for sequence losses).")
         return losses
 
-    def __call__(self, batch: Any, first_id: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Returns ({layer name: (B, r_l) float32}, per-example losses (B,))."""
         feats: dict[str, torch.Tensor] = {}
         records: list[tuple[LayerSpec, torch.Tensor, torch.Tensor]] = []
@@ -83,12 +83,11 @@ class BatchCapture:
             grads = self.per_example(batch)
             for spec in self.func:
                 feats[spec.name] = self.compressors[spec.name].from_flat(flatten_block(grads, spec.param_names))
-        out = {l.name: feats[l.name].detach().float() for l in self.layers}
-        check_finite(out, first_id)
-        return out, losses.detach()
+        return {l.name: feats[l.name].detach().float() for l in self.layers}, losses.detach()
 
 
-def check_finite(feats: dict[str, torch.Tensor], first_id: int) -> None:
+def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
+    """(example ids, layer names) whose features hold NaN/inf."""
     bad_rows = None
     bad_layers = []
     for name, f in feats.items():
@@ -96,8 +95,13 @@ def check_finite(feats: dict[str, torch.Tensor], first_id: int) -> None:
         if not bool(ok.all()):
             bad_layers.append(name)
             bad_rows = ~ok if bad_rows is None else (bad_rows | ~ok)
-    if bad_rows is not None:
-        ids = (torch.nonzero(bad_rows).flatten().cpu() + first_id).tolist()
+    if bad_rows is None:
+        return [], []
+    return (torch.nonzero(bad_rows).flatten().cpu() + first_id).tolist(), bad_layers
+
+
+def raise_nonfinite(ids: list[int], bad_layers: list[str]) -> None:
+    if ids:
         raise NonFiniteGradientError(
             f"NaN/inf in the gradients of example ids {ids[:20]}{' ...' if len(ids) > 20 else ''} "
             f"(ids count examples in loader order from 0), layers {bad_layers[:5]}. Check those "

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from dropinf import Attributor, Dropout, Gaussian, Identity
+from dropinf.capture.layers import LayerSpec
+from dropinf.compress.dropout import sample_indices
+from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
+
+
+def _scores(compressor, seed=0, **kw):
+    model = tiny_mlp(seed=seed).double()
+    ds = tiny_data()
+    attr = Attributor(model, ce_loss, compressor=compressor, progress=False, **kw)
+    attr.featurize(loader(ds))
+    return attr, attr.score(loader(ds, bs=7))
+
+
+def test_dropout_with_all_coordinates_equals_orig():
+    _, orig = _scores(Identity())
+    _, drop = _scores(Dropout(r=10_000, seed=3))
+    np.testing.assert_allclose(drop, orig, rtol=1e-5, atol=1e-5 * np.abs(orig).max())
+
+
+def test_dropout_scale_leaves_scores_unchanged():
+    _, plain = _scores(Dropout(r=12, seed=1))
+    _, scaled = _scores(Dropout(r=12, seed=1, scale=True))
+    np.testing.assert_allclose(scaled, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+
+
+def test_same_seed_bit_identical_different_seed_differs():
+    a1, s1 = _scores(Dropout(r=8, seed=5))
+    a2, s2 = _scores(Dropout(r=8, seed=5))
+    assert np.array_equal(s1, s2)
+    a3, s3 = _scores(Dropout(r=8, seed=6))
+    for name in a1.compressors:
+        assert torch.equal(a1.compressors[name].indices, a2.compressors[name].indices)
+        assert not torch.equal(a1.compressors[name].indices, a3.compressors[name].indices)
+    assert not np.allclose(s1, s3)
+
+
+def test_sample_indices_distinct_sorted_in_range():
+    for dim, r in [(10, 3), (1000, 999), (50, 50), (5, 10), (1 << 25, 100)]:
+        idx = sample_indices(dim, r, seed=1)
+        assert idx.numel() == min(dim, r)
+        assert torch.unique(idx).numel() == idx.numel()
+        assert bool((idx[1:] > idx[:-1]).all()) and int(idx.min()) >= 0 and int(idx.max()) < dim
+
+
+def test_gaussian_blocks_equal_dense_projection_and_variance():
+    spec = LayerSpec("x", "func", ("x.w",), ((300,),))
+    layer = Gaussian(r=64, seed=2, block=37).build(spec)
+    p = layer.dense()
+    assert p.shape == (64, 300)
+    assert abs(float(p.var()) - 1 / 64) < 0.1 / 64
+    g = torch.randn(5, 300)
+    torch.testing.assert_close(layer.from_flat(g), g @ p.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.from_flat(g), layer.from_flat(g))  # regenerated identically
+
+
+def test_r_dict_and_bad_r():
+    from dropinf.errors import ConfigError
+    _, s = _scores(Dropout(r={"0": 5, "*": 7}))
+    assert s.shape == (48, 48)
+    with pytest.raises(ConfigError, match="no entry for tracked layer"):
+        _scores(Dropout(r={"0": 5}))
+    with pytest.raises(ConfigError, match="positive int"):
+        _scores(Dropout(r=0))

@@ -1,0 +1,96 @@
+"""GaussNewton against an independent dense numpy implementation of eq. 3 with the paper's damping."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dropinf import Attributor, Dropout, GaussNewton, Identity
+from dropinf.estimators.gauss_newton import GaussNewton as GN
+from dropinf.store.features import Features
+from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
+
+
+def dense_reference(train: dict, query: dict) -> np.ndarray:
+    out = 0
+    for name, g in train.items():
+        g = g.double().numpy()
+        n, r = g.shape
+        lam = 0.1 * np.mean(g ** 2)
+        h = g.T @ g / n + lam * np.eye(r)
+        out = out - query[name].double().numpy() @ np.linalg.solve(h, g.T)
+    return out
+
+
+@pytest.mark.parametrize("r", [4, 30, 500])  # 500 > n exercises the Woodbury path
+def test_gauss_newton_matches_dense_formula(r):
+    gen = torch.Generator().manual_seed(r)
+    train = {"a": torch.randn(60, min(r, 200), generator=gen), "b": torch.randn(60, r, generator=gen) * 3}
+    query = {k: torch.randn(9, v.shape[1], generator=gen) for k, v in train.items()}
+    fitted = GN().fit(Features(train, {}), None)
+    got = fitted.score(Features(query, {})).numpy()
+    want = dense_reference(train, query)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    self_want = np.diag(dense_reference(train, train))
+    np.testing.assert_allclose(fitted.self_scores().numpy(), self_want, rtol=1e-4, atol=1e-6)
+
+
+def test_dead_layer_is_dropped_with_warning_not_nan():
+    gen = torch.Generator().manual_seed(0)
+    train = {"dead": torch.zeros(20, 5), "live": torch.randn(20, 5, generator=gen)}
+    query = {"dead": torch.randn(3, 5, generator=gen), "live": torch.randn(3, 5, generator=gen)}
+    with pytest.warns(UserWarning, match="'dead'.*dropped"):
+        fitted = GN().fit(Features(train, {}), None)
+    got = fitted.score(Features(query, {})).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, dense_reference({"live": train["live"]}, {"live": query["live"]}), rtol=1e-4)
+
+
+def test_dead_coordinates_on_digits_border_pixels_give_finite_scores():
+    """sklearn digits: border pixels are always 0, so a small r may sample only dead weights."""
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x[:200] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y[:200])
+    ds = torch.utils.data.TensorDataset(x, y)
+    model = torch.nn.Linear(64, 10)
+    # pick a seed whose 1-coordinate index set lands on a dead pixel weight
+    dead_cols = set(np.where(x.numpy().std(0) == 0)[0].tolist())
+    for seed in range(200):
+        attr = Attributor(model, ce_loss, compressor=Dropout(r=1, seed=seed), progress=False)
+        idx = int(attr.compressors[""].indices[0])
+        if idx < 640 and idx % 64 in dead_cols:
+            break
+    else:
+        pytest.skip("no dead coordinate sampled")  # pragma: no cover
+    with pytest.warns(UserWarning, match="dropped"):
+        attr.featurize(loader(ds, 64))
+    s = attr.score(loader(ds, 64))
+    assert s.shape == (200, 200) and np.isfinite(s).all() and (s == 0).all()
+
+
+def test_end_to_end_scores_equal_dense_formula_on_captured_features():
+    model = tiny_mlp().double()
+    ds = tiny_data()
+    attr = Attributor(model, ce_loss, compressor=Dropout(r=9, seed=2), progress=False)
+    train = attr.featurize(loader(ds))
+    q = attr.compute_features(loader(ds, 5))
+    np.testing.assert_allclose(attr.score(q), dense_reference(train.data, q.data), rtol=1e-4, atol=1e-5)
+    # reduce="mean" is the mean query gradient (paper eq. 1)
+    mean = attr.score(q, reduce="mean")
+    assert mean.shape == (1, 48)
+    np.testing.assert_allclose(mean[0], attr.score(q).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_sign_duplicated_training_point_helps_its_copy():
+    """A query identical to a train example: that example lowers the query's loss (I < 0),
+    and it is the most helpful train example for it."""
+    model = tiny_mlp().double()
+    ds = tiny_data()
+    attr = Attributor(model, ce_loss, compressor=Identity(), progress=False)
+    attr.featurize(loader(ds))
+    s = attr.score(loader(torch.utils.data.Subset(ds, [3, 17])))
+    assert s[0, 3] < 0 and s[1, 17] < 0
+    assert s[0].argmin() == 3 and s[1].argmin() == 17
+    assert (attr.self_influence() < 0).all()

@@ -1,0 +1,100 @@
+"""Bad input gets a clear DropinfError naming the problem — never a deep torch traceback."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dropinf import (Attributor, ConfigError, Dropout, EmptyDataError, ExactHessian, FeatureMismatchError,
+                     Gaussian, IncompatibleMethodError, NonFiniteGradientError, NoTrackableLayersError)
+from dropinf.errors import LossShapeError
+from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
+
+
+def fitted(compressor=None, track=None, model=None):
+    model = model or tiny_mlp().double()
+    attr = Attributor(model, ce_loss, compressor=compressor or Dropout(r=8, seed=0), track=track, progress=False)
+    attr.featurize(loader(tiny_data()))
+    return attr
+
+
+@pytest.mark.parametrize("other,field", [
+    (dict(compressor=Dropout(r=8, seed=1)), "compressor.seed"),
+    (dict(compressor=Dropout(r=9, seed=0)), "compressor.r"),
+    (dict(compressor=Gaussian(r=8, seed=0)), "compressor.kind"),
+    (dict(track=["0"]), "layers"),
+])
+def test_query_train_mismatch_names_the_field(other, field):
+    train_attr = fitted()
+    model = train_attr.model
+    other_attr = Attributor(model, ce_loss, progress=False, **{"compressor": Dropout(r=8, seed=0), **other})
+    q = other_attr.compute_features(loader(tiny_data(8)))
+    with pytest.raises(FeatureMismatchError, match=field.replace(".", r"\.")):
+        train_attr.score(q)
+
+
+def test_model_changed_after_featurize_is_refused():
+    attr = fitted()
+    q = attr.compute_features(loader(tiny_data(8)))
+    with torch.no_grad():
+        attr.model[0].weight.add_(0.1)
+    q2 = attr.compute_features(loader(tiny_data(8)))
+    attr.score(q)  # old features still fine
+    with pytest.raises(FeatureMismatchError, match="model"):
+        attr.score(q2)
+
+
+def test_empty_dataset():
+    attr = Attributor(tiny_mlp().double(), ce_loss, progress=False)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(EmptyDataError, match="no examples"):
+        attr.featurize(loader(empty))
+
+
+def test_nan_gradient_names_example_ids():
+    ds = tiny_data()
+    x, y = ds.tensors
+    x = x.clone()
+    x[21, 2] = float("nan")
+    x[40, 0] = float("inf")
+    attr = Attributor(tiny_mlp().double(), ce_loss, progress=False)
+    with pytest.raises(NonFiniteGradientError, match=r"\[21, 40\]"):
+        attr.featurize(loader(torch.utils.data.TensorDataset(x, y)))
+
+
+def test_model_without_trackable_layers():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten())
+    with pytest.raises(NoTrackableLayersError, match="Conv1d"):
+        Attributor(model, ce_loss)
+    frozen = tiny_mlp()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(NoTrackableLayersError, match="requires_grad=False"):
+        Attributor(frozen, ce_loss)
+    with pytest.raises(ConfigError, match="matches no module"):
+        Attributor(tiny_mlp(), ce_loss, track=["encoder.*"])
+
+
+def test_loss_must_be_per_example():
+    attr = Attributor(tiny_mlp().double(), lambda m, b: ce_loss(m, b).mean(), progress=False)
+    with pytest.raises(LossShapeError, match=r"shape \(B,\)"):
+        attr.featurize(loader(tiny_data()))
+
+
+def test_exact_hessian_refuses_gaussian_features():
+    attr = Attributor(tiny_mlp().double(), ce_loss, compressor=Gaussian(r=4), estimator=ExactHessian(),
+                      progress=False)
+    with pytest.raises(IncompatibleMethodError, match="gaussian"):
+        attr.featurize(loader(tiny_data()))
+
+
+def test_score_before_featurize():
+    attr = Attributor(tiny_mlp().double(), ce_loss, progress=False)
+    with pytest.raises(ConfigError, match="featurize"):
+        attr.score(loader(tiny_data()))
+
+
+def test_scores_shape_and_dtype():
+    attr = fitted()
+    s = attr.score(loader(tiny_data(10)))
+    assert s.shape == (10, 48) and s.dtype == np.float32 and np.isfinite(s).all()
