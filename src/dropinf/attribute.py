@@ -120,9 +120,12 @@ class Attributor:
     def compute_features(self, loader: Iterable, desc: str = "features") -> Features:
         """Compressed per-example gradients of every example the loader yields, in order."""
         capture = BatchCapture(self.model, self.loss_fn, self.layers, self.compressors)
+        total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
+        # preallocate when the size is known, so the features are never held twice (list + cat)
+        out = ({l.name: torch.empty(total, self.compressors[l.name].r) for l in self.layers}
+               if total else None)
         parts: dict[str, list[torch.Tensor]] = {l.name: [] for l in self.layers}
         losses, n, bad_ids, bad_layers = [], 0, [], set()
-        total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
         with self._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not self.progress) as bar:
             for batch in loader:
                 batch = _to(batch, self.device)
@@ -130,15 +133,23 @@ class Attributor:
                 ids, lays = nonfinite(feats, n)
                 bad_ids += ids
                 bad_layers.update(lays)
+                b = loss.shape[0]
                 for k, v in feats.items():
-                    parts[k].append(v.cpu())
+                    if out is not None and n + b <= total:
+                        out[k][n:n + b] = v
+                    else:
+                        parts[k].append(v.cpu())
                 losses.append(loss.cpu())
-                n += loss.shape[0]
-                bar.update(loss.shape[0])
+                n += b
+                bar.update(b)
         raise_nonfinite(bad_ids, sorted(bad_layers))
         if n == 0:
             raise EmptyDataError(f"the {desc} loader yielded no examples; pass a non-empty DataLoader.")
-        return Features({k: torch.cat(v) for k, v in parts.items()}, self.signature(), torch.cat(losses))
+        if out is not None and n == total and not any(parts.values()):
+            data = out
+        else:  # loader length unknown or not what the dataset claimed
+            data = {k: torch.cat(([out[k][:min(n, total)]] if out is not None else []) + v) for k, v in parts.items()}
+        return Features(data, self.signature(), torch.cat(losses))
 
     def featurize(self, train_loader: Iterable) -> Features:
         """Capture train features and fit the estimator (H̃ and its solve). Returns the features."""

@@ -87,23 +87,29 @@ def paper_damping(g: torch.Tensor, factor: float = 0.1) -> float:
 
 
 class RowScores:
-    """Fitted estimator whose scores are −Σ_l Q_l T_lᵀ for preconditioned train features T_l."""
+    """Fitted estimator whose scores are −Σ_l Q_l T_lᵀ for preconditioned train features T_l,
+    or, for kernel blocks (Woodbury, r_l > n), −Σ_l (Q_l G_lᵀ) M_l with an n×n matrix M_l (so
+    the n×r_l preconditioned copy of G_l is never stored)."""
 
-    def __init__(self, pre: dict[str, torch.Tensor], train: Features):
+    def __init__(self, pre: dict[str, torch.Tensor], train: Features,
+                 kernel: dict[str, torch.Tensor] | None = None):
         self.pre = pre  # layer -> (n, r_l) float32
+        self.kernel = kernel or {}  # layer -> (n, n) float32, symmetric
         self.train = train
 
     def score(self, query: Features) -> torch.Tensor:
-        out = None
+        out = torch.zeros(query.n, self.train.n)
         for name, t in self.pre.items():
-            s = query.data[name].to(t.dtype) @ t.T
-            out = s if out is None else out + s
-        if out is None:
-            return torch.zeros(query.n, self.train.n)
+            out += query.data[name].to(t.dtype) @ t.T
+        for name, m in self.kernel.items():
+            out += (query.data[name] @ self.train.data[name].T) @ m
         return -out
 
     def self_scores(self) -> torch.Tensor:
         out = torch.zeros(self.train.n, dtype=torch.float64)
         for name, t in self.pre.items():
             out += (self.train.data[name].double() * t.double()).sum(1)
+        for name, m in self.kernel.items():
+            g = self.train.data[name]
+            out += ((g @ g.T) * m).sum(1).double()
         return (-out).float()

@@ -33,7 +33,7 @@ class GaussNewton:
     name: str = "gauss-newton"
 
     def fit(self, train: Features, ctx: FitContext | None = None) -> RowScores:
-        pre = {}
+        pre, kernel = {}, {}
         n = train.n
         for name, g in tqdm(train.data.items(), desc="precondition", disable=not getattr(ctx, "progress", False),
                             leave=False):
@@ -48,11 +48,11 @@ class GaussNewton:
                 L = cholesky_jitter(h, f"H̃ of layer {name!r}")
                 hinv = torch.cholesky_inverse(L)
                 pre[name] = row_matmul(g, hinv)
-            else:  # Woodbury: n-dim solve, T = n (GGᵀ + nλI)⁻¹ G
+            else:  # Woodbury: G H̃⁻¹ = n (GGᵀ + nλI)⁻¹ G, kept as the n×n factor only
                 k = gram(g, transpose=False) + n * lam * torch.eye(n, dtype=torch.float64)
                 L = cholesky_jitter(k, f"Woodbury kernel of layer {name!r}")
-                pre[name] = (n * torch.cholesky_inverse(L)).float() @ g
-        return RowScores(pre, train)
+                kernel[name] = (n * torch.cholesky_inverse(L)).float()
+        return RowScores(pre, train, kernel)
 
 
 def gram(g: torch.Tensor, transpose: bool, chunk: int = 4096) -> torch.Tensor:

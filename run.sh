@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One entry point that does all the set-up, then runs what you ask for.
+#   bash run.sh demo      set up, then the main job (dropinf demo)
+#   bash run.sh test      set up, then the test suite
+#   bash run.sh bench     set up, then python benchmarks/core.py
+#   bash run.sh dropinf … set up, then any dropinf command
+# Set-up: a virtualenv in .venv with torch pinned to 2.13.0 (constraints.txt, so pip never pulls
+# a multi-GB CUDA build), then the package in editable mode with its extras. Re-runs skip it
+# unless pyproject.toml, constraints.txt or this file changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${DROPINF_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+want="$(cat pyproject.toml constraints.txt run.sh | sha1sum | cut -c1-40)"
+if [ "$(cat "$VENV/.setup-stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[run.sh] setting up $VENV (torch 2.13.0 CPU + dropinf and its dependencies)..." >&2
+  "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,test]"
+  echo "$want" > "$VENV/.setup-stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+cmd="${1:-demo}"
+shift || true
+case "$cmd" in
+  demo)  exec "$VENV/bin/dropinf" demo "$@" ;;
+  test)  exec "$PY" -m pytest tests "$@" ;;
+  bench) exec "$PY" benchmarks/core.py "$@" ;;
+  dropinf) exec "$VENV/bin/dropinf" "$@" ;;
+  *) echo "usage: bash run.sh {demo|test|bench|dropinf ...}" >&2; exit 2 ;;
+esac

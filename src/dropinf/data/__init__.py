@@ -1,0 +1,1 @@
+"""Offline dataset loaders used by the demo and the experiments."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and the runs that turn the library into evidence."""

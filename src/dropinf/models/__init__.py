@@ -1,0 +1,1 @@
+"""Model builders and trainers used by the demo and the experiments."""
