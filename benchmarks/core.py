@@ -8,6 +8,11 @@ the table gives wall seconds and peak RSS, and ratios to (a).
   (b) torch.func per-example gradients (full B×d) + index gather (same Dropout indices)
   (c) torch.func per-example gradients + dense Gaussian projection (P regenerated in blocks)
   (d) Orig: uncompressed gradients, per-layer Gauss-Newton solved by Woodbury in n dims
+  (e) LiSSA (10 iterations, Gauss-Newton HVPs) on uncompressed gradients
+  (f) DataInf on uncompressed gradients
+  (g) Hessian-free (gradient dot product) on uncompressed gradients
+  (h) LoGra fused hook, r_in = r_out = √r (r per layer), Gauss-Newton
+  (i) Gaussian projection fed by the hook's per-example gradients (no vmap; same P as (c))
 
 Run: python benchmarks/core.py            (add --n-train 500 for a quick look)
 """
@@ -24,16 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, rss_mb, run_variants  # noqa: E402
 
 LABELS = {"a": "fused-hook Dropout", "b": "torch.func + index gather", "c": "torch.func + Gaussian",
-          "d": "Orig (Woodbury)"}
+          "d": "Orig (Woodbury)", "e": "LiSSA, 10 it. (Orig grads, GN HVP)", "f": "DataInf (Orig grads)",
+          "g": "Hessian-free (Orig grads)", "h": "LoGra fused, 32x32 (r=1024)", "i": "Gaussian fused-hook input"}
 
 
 def variant(v: str, r: int):
-    from dropinf import CaptureOptions, Dropout, Gaussian, GaussNewton, Identity
+    from dropinf import CaptureOptions, DataInf, Dropout, Gaussian, GaussNewton, GradDot, Identity, LiSSA, LoGra
+    side = int(round(r ** 0.5))
     table = {
         "a": (Dropout(r=r, seed=0), GaussNewton(), True),
         "b": (Dropout(r=r, seed=0), GaussNewton(), False),
         "c": (Gaussian(r=r, seed=0), GaussNewton(), False),
         "d": (Identity(), GaussNewton(), True),
+        "e": (Identity(), LiSSA(iterations=10), True),
+        "f": (Identity(), DataInf(), True),
+        "g": (Identity(), GradDot(), True),
+        "h": (LoGra(r_in=side, r_out=side, seed=0), GaussNewton(), True),
+        "i": (Gaussian(r=r, seed=0), GaussNewton(), True),
     }
     comp, est, fused = table[v]
     return comp, est, CaptureOptions(fused=fused)

@@ -5,15 +5,15 @@ up-weighting train example i raises query q's loss (harmful), negative when it h
 """
 
 from .attribute import Attributor, CaptureOptions
-from .compress import Dropout, Gaussian, Identity
+from .compress import Dropout, Gaussian, Identity, LoGra
 from .errors import (ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
                      IncompatibleMethodError, NonFiniteGradientError, NoTrackableLayersError)
-from .estimators import ExactHessian, GaussNewton
+from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA
 from .store import Features
 
 __version__ = "0.1.0"
 
-__all__ = ["Attributor", "CaptureOptions", "Dropout", "Gaussian", "Identity", "ExactHessian",
-           "GaussNewton", "Features", "DropinfError", "ConfigError", "EmptyDataError",
+__all__ = ["Attributor", "CaptureOptions", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
+           "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "NonFiniteGradientError",
            "NoTrackableLayersError"]

@@ -149,7 +149,9 @@ class Attributor:
             data = out
         else:  # loader length unknown or not what the dataset claimed
             data = {k: torch.cat(([out[k][:min(n, total)]] if out is not None else []) + v) for k, v in parts.items()}
-        return Features(data, self.signature(), torch.cat(losses))
+        dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
+              for l in self.layers}
+        return Features(data, self.signature(), torch.cat(losses), dd)
 
     def featurize(self, train_loader: Iterable) -> Features:
         """Capture train features and fit the estimator (H̃ and its solve). Returns the features."""

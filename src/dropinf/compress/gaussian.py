@@ -16,6 +16,11 @@ from .base import LayerCompressorBase, RSpec, layer_seed, resolve_r
 
 
 class GaussianLayer(LayerCompressorBase):
+    #: norm-preserving projection: damping is estimated over the full d_l (see Features)
+    @property
+    def damping_dim(self) -> int:
+        return self.dim
+
     def __init__(self, layer: LayerSpec, r: int, seed: int, block: int):
         self.dim, self.r, self.block = layer.dim, r, block
         self.seed = layer_seed(seed, layer.name, salt=1)

@@ -20,6 +20,7 @@ from torch import nn
 from ..capture.layers import LayerSpec
 from ..errors import IncompatibleMethodError
 from ..store.features import Features
+from .linalg import gram_cols, sumsq, times_gt
 
 
 @dataclass
@@ -79,11 +80,12 @@ def cholesky_jitter(h: torch.Tensor, what: str) -> torch.Tensor:
                                    f"non-finite entries or damping is far too small.")
 
 
-def paper_damping(g: torch.Tensor, factor: float = 0.1) -> float:
-    """λ_l = factor · mean squared entry of the (compressed) gradients (paper App. D.1)."""
+def paper_damping(g: torch.Tensor, factor: float = 0.1, denom: int | None = None) -> float:
+    """λ_l = factor · Σ_i ‖g̃_il‖² / (n · D_l) (paper App. D.1). D_l defaults to r_l, giving the
+    mean squared compressed entry; see Features.damping_dims for projections."""
     if not g.numel():
         return 0.0
-    return factor * sum(float((c.double() ** 2).sum()) for c in g.split(4096)) / g.numel()
+    return factor * sumsq(g) / (g.shape[0] * (denom if denom else g.shape[1]))
 
 
 class RowScores:
@@ -108,8 +110,37 @@ class RowScores:
     def self_scores(self) -> torch.Tensor:
         out = torch.zeros(self.train.n, dtype=torch.float64)
         for name, t in self.pre.items():
-            out += (self.train.data[name].double() * t.double()).sum(1)
+            for s in range(0, self.train.n, 4096):
+                out[s:s + 4096] += (self.train.data[name][s:s + 4096].double() * t[s:s + 4096].double()).sum(1)
         for name, m in self.kernel.items():
-            g = self.train.data[name]
-            out += ((g @ g.T) * m).sum(1).double()
+            out += (gram_cols(self.train.data[name]) * m.double()).sum(1)
         return (-out).float()
+
+
+class SolveScores:
+    """Fitted estimator defined by an approximate iHVP on query rows: S = solve(Q) (per layer),
+    scores = −Σ_l S_l G_lᵀ. Used by LiSSA, DataInf and GradDot."""
+
+    def __init__(self, solve: Callable[[dict], dict], train: Features, chunk: int = 1024):
+        self.solve, self.train, self.chunk = solve, train, chunk
+
+    def score(self, query: Features) -> torch.Tensor:
+        s = self.solve({k: v.double() for k, v in query.data.items()})
+        out = torch.zeros(query.n, self.train.n, dtype=torch.float64)
+        for name, sl in s.items():
+            out += times_gt(sl, self.train.data[name])
+        return (-out).float()
+
+    def self_scores(self) -> torch.Tensor:
+        parts = []
+        for start in range(0, self.train.n, self.chunk):
+            rows = {k: v[start:start + self.chunk].double() for k, v in self.train.data.items()}
+            s = self.solve(rows)
+            parts.append(-sum((s[k] * rows[k]).sum(1) for k in s))
+        return torch.cat(parts).float()
+
+
+def layer_dampings(train: Features, factor: float, fixed: float | None = None) -> dict[str, float]:
+    """λ_l per layer: fixed if given, else factor · mean squared entry (paper App. D.1)."""
+    return {k: (fixed if fixed is not None else paper_damping(v, factor, train.damping_dim(k)))
+            for k, v in train.data.items()}

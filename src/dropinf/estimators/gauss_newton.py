@@ -2,7 +2,12 @@
 
 For each tracked layer l with train features G_l ∈ R^{n×r_l}:
 
-    H̃_l = (1/n) G_lᵀ G_l + λ_l I,   λ_l = damping_factor · mean(G_l²)   (paper App. D.1)
+    H̃_l = (1/n) G_lᵀ G_l + λ_l I,   λ_l = damping_factor · Σ_i ‖g̃_il‖² / (n·D_l)  (paper App. D.1)
+
+D_l = r_l for Identity/Dropout (λ_l is 0.1 × the mean squared compressed entry) and D_l = d_l
+for the norm-preserving projections Gaussian/LoGra (so λ_l estimates the paper's rule on full
+gradients; with the plain mean over r_l entries, Gaussian with r ≫ d would be damped d/r times
+less than Orig and would not approach it).
     I(q, i) = − Σ_l g̃_qlᵀ H̃_l⁻¹ g̃_il
 
 Solved by Cholesky in r_l dims when r_l ≤ n, and otherwise in n dims by the Woodbury identity:
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..store.features import Features
 from .base import FitContext, RowScores, cholesky_jitter, paper_damping
+from .linalg import gram_cols, gram_rows, rows_times, sumsq
 
 
 @dataclass(frozen=True)
@@ -37,39 +43,21 @@ class GaussNewton:
         n = train.n
         for name, g in tqdm(train.data.items(), desc="precondition", disable=not getattr(ctx, "progress", False),
                             leave=False):
-            lam = self.damping if self.damping is not None else paper_damping(g, self.damping_factor)
-            if lam <= 0.0 or not bool((g != 0).any()):
+            lam = (self.damping if self.damping is not None
+                   else paper_damping(g, self.damping_factor, train.damping_dim(name)))
+            if lam <= 0.0 or sumsq(g) == 0.0:
                 warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
                               f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=2)
                 continue
             r = g.shape[1]
             if r <= n:
-                h = gram(g, transpose=True) / n + lam * torch.eye(r, dtype=torch.float64)
+                h = gram_rows(g) / n + lam * torch.eye(r, dtype=torch.float64)
                 L = cholesky_jitter(h, f"H̃ of layer {name!r}")
                 hinv = torch.cholesky_inverse(L)
-                pre[name] = row_matmul(g, hinv)
+                pre[name] = rows_times(g, hinv)
             else:  # Woodbury: G H̃⁻¹ = n (GGᵀ + nλI)⁻¹ G, kept as the n×n factor only
-                k = gram(g, transpose=False) + n * lam * torch.eye(n, dtype=torch.float64)
+                k = gram_cols(g) + n * lam * torch.eye(n, dtype=torch.float64)
                 L = cholesky_jitter(k, f"Woodbury kernel of layer {name!r}")
                 kernel[name] = (n * torch.cholesky_inverse(L)).float()
         return RowScores(pre, train, kernel)
 
-
-def gram(g: torch.Tensor, transpose: bool, chunk: int = 4096) -> torch.Tensor:
-    """GᵀG (transpose=True, r×r) or GGᵀ (n×n) accumulated in float64 without a float64 copy of G."""
-    if transpose:
-        out = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)
-        for s in range(0, g.shape[0], chunk):
-            c = g[s:s + chunk].double()
-            out += c.T @ c
-        return out
-    out = torch.zeros(g.shape[0], g.shape[0], dtype=torch.float64)
-    for s in range(0, g.shape[1], chunk):
-        c = g[:, s:s + chunk].double()
-        out += c @ c.T
-    return out
-
-
-def row_matmul(g: torch.Tensor, m: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """G @ M computed in float64 chunk by chunk, returned as float32."""
-    return torch.cat([(g[s:s + chunk].double() @ m).float() for s in range(0, g.shape[0], chunk)], 0)

@@ -18,11 +18,19 @@ class Features:
     signature: JSON-able dict (model fingerprint, layers and shapes, compressor options);
                two feature sets can be scored against each other only if signatures match
     losses:    per-example losses (n,) at capture time
+    damping_dims: {layer: D_l} with Σ_i ‖g̃_il‖² / (n·D_l) the estimate of the mean squared entry
+               of the *full* gradient of layer l (paper App. D.1's damping rule): D_l = r_l for
+               coordinate sampling (Identity, Dropout), D_l = d_l for norm-preserving random
+               projections (Gaussian, LoGra). Missing layers default to r_l.
     """
 
     data: dict[str, torch.Tensor]
     signature: dict
     losses: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    damping_dims: dict[str, int] = field(default_factory=dict)
+
+    def damping_dim(self, layer: str) -> int:
+        return self.damping_dims.get(layer, self.data[layer].shape[1])
 
     @property
     def n(self) -> int:
@@ -35,11 +43,11 @@ class Features:
     def mean(self) -> "Features":
         """One pseudo-example whose features are the mean over examples (paper eq. 1's query)."""
         return Features({k: v.mean(0, keepdim=True) for k, v in self.data.items()}, self.signature,
-                        self.losses.mean().reshape(1) if self.losses.numel() else self.losses)
+                        self.losses.mean().reshape(1) if self.losses.numel() else self.losses, self.damping_dims)
 
     def rows(self, start: int, stop: int) -> "Features":
         return Features({k: v[start:stop] for k, v in self.data.items()}, self.signature,
-                        self.losses[start:stop] if self.losses.numel() else self.losses)
+                        self.losses[start:stop] if self.losses.numel() else self.losses, self.damping_dims)
 
 
 def check_compatible(query: Features, train: Features) -> None:
