@@ -85,7 +85,7 @@ def test_func_fallback_matches_loop_for_non_linear_modules():
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
     batch = (torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,)))
     layers = select_layers(model, track="all")
-    assert [l.kind for l in layers] == ["linear", "func", "linear"]
+    assert [l.kind for l in layers] == ["fused", "func", "fused"]
     comps = {l.name: Dropout(r=6, seed=1).build(l) for l in layers}
     feats, _ = BatchCapture(model, flat_loss, layers, comps)(batch)
     for l in layers:

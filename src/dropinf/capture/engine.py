@@ -1,11 +1,18 @@
-"""Capture: one batch in, compressed per-example gradients of every tracked layer out.
+"""Capture: one batch in, compressed per-example gradients of every tracked block out.
 
-Fused path (``nn.Linear``): a forward hook keeps each call's input ``a`` and output ``y``; after
-the forward, ``torch.autograd.grad(Σ_b ℓ_b, [y...])`` returns the output-gradients δ directly
-(no parameter gradient is computed and no ``.grad`` field is touched), and the layer's
-compressor turns (a, δ) into (B, r_l) numbers. Because the batch loss is the *sum* of the
+Fused blocks: a forward hook on each using module keeps the call's input (prepared per module
+type, see capture.modules) and its output y. After the forward,
+``torch.autograd.grad(Σ_b ℓ_b, [y, ...])`` returns the output-gradients δ directly — no
+parameter gradient is computed and no ``.grad`` field is touched — and the block's compressor
+turns every (input, δ) pair into (B, r_l) numbers. Because the batch loss is the *sum* of the
 per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient.
-A module called several times in one forward adds up every call.
+A module called several times in one forward, or a weight tied between modules, adds up every
+call.
+
+Gradient checkpointing: the recorded outputs are not enough (re-entrant checkpointing runs the
+first forward without grad and recomputes it during backward), so when a module of the model
+has ``gradient_checkpointing`` on, the hooks instead register a tensor hook on each output and
+the backward is run with respect to the tracked parameters (their gradient is discarded).
 
 Every other tracked block goes through the torch.func fallback with the same compressor.
 """
@@ -20,16 +27,26 @@ from torch import nn
 from ..errors import LossShapeError, NonFiniteGradientError
 from .functional import LossFn, PerExampleGrads, flatten_block
 from .layers import LayerSpec
+from .modules import Use, UseSpec, prepare, prepare_delta
+
+
+def uses_checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 class BatchCapture:
-    def __init__(self, model: nn.Module, loss_fn: LossFn, layers: list[LayerSpec], compressors: dict):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, layers: list[LayerSpec], compressors: dict,
+                 mode: str = "auto"):
         self.model, self.loss_fn, self.layers, self.compressors = model, loss_fn, layers, compressors
         modules = dict(model.named_modules())
-        self.fused = [(l, modules[l.name]) for l in layers if l.kind == "linear"]
+        self.fused = [l for l in layers if l.kind == "fused"]
+        self.hooked = [(l, u, modules[u.module]) for l in self.fused for u in l.uses]
         self.func = [l for l in layers if l.kind == "func"]
         names = [n for l in self.func for n in l.param_names]
         self.per_example = PerExampleGrads(model, loss_fn, names) if names else None
+        self.mode = mode
+        pm = dict(model.named_parameters(remove_duplicate=False))
+        self.fused_params = [pm[n] for l in self.fused for n in l.param_names]
 
     def _losses(self, batch) -> torch.Tensor:
         losses = self.loss_fn(self.model, batch)
@@ -40,45 +57,60 @@ class BatchCapture:
                 f"Use reduction='none' (and sum over tokens per example for sequence losses).")
         return losses
 
-    def __call__(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Returns ({layer name: (B, r_l) float32}, per-example losses (B,))."""
-        feats: dict[str, torch.Tensor] = {}
-        records: list[tuple[LayerSpec, torch.Tensor, torch.Tensor]] = []
+    def _run(self, batch) -> tuple[list[tuple[LayerSpec, UseSpec, torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Forward + backward; returns [(block, use, prepared input, output-grad)] and the losses."""
+        tensor_hooks = self.mode == "tensor-hooks" or (self.mode == "auto" and uses_checkpointing(self.model))
+        records: list = []
+        done: list = []
         handles = []
 
-        def make_hook(spec: LayerSpec):
+        def make_hook(block: LayerSpec, use: UseSpec):
             def hook(mod, inputs, output):
-                if torch.is_grad_enabled() and output.requires_grad:
-                    records.append((spec, inputs[0].detach(), output))
+                if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                    return
+                a = prepare(use, inputs[0].detach(), inputs[0].shape[0])
+                if tensor_hooks:
+                    output.register_hook(lambda g, a=a: done.append((block, use, a, g.detach())))
+                else:
+                    records.append((block, use, a, output))
             return hook
 
         try:
-            for spec, mod in self.fused:
-                handles.append(mod.register_forward_hook(make_hook(spec)))
+            for block, use, mod in self.hooked:
+                handles.append(mod.register_forward_hook(make_hook(block, use)))
             with torch.enable_grad():
                 losses = self._losses(batch)
-                B = losses.shape[0]
-                if records:
-                    deltas = torch.autograd.grad(losses.sum(), [r[2] for r in records], allow_unused=True)
-                else:
-                    deltas = []
+                if tensor_hooks and self.fused_params:
+                    torch.autograd.grad(losses.sum(), self.fused_params, allow_unused=True)
+                elif records:
+                    outs = [r[3] for r in records]
+                    deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                    done = [(b, u, a, torch.zeros_like(y) if d is None else d.detach())
+                            for (b, u, a, y), d in zip(records, deltas)]
         finally:
             for h in handles:
                 h.remove()
-        for (spec, a, y), d in zip(records, deltas):
-            if d is None:
-                d = torch.zeros_like(y)
+        return done, losses
+
+    def __call__(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns ({block name: (B, r_l) float32}, per-example losses (B,))."""
+        done, losses = self._run(batch)
+        B = losses.shape[0]
+        uses: dict[str, list[Use]] = {}
+        for block, use, a, d in done:
             if a.shape[0] != B:
                 raise LossShapeError(
-                    f"module {spec.name!r} saw an input with leading dimension {a.shape[0]} but "
+                    f"module {use.module!r} saw an input with leading dimension {a.shape[0]} but "
                     f"loss_fn returned {B} losses; the fused capture needs batch-first inputs.")
-            a3 = a.reshape(B, -1, a.shape[-1])
-            d3 = d.detach().reshape(B, -1, d.shape[-1]).to(a3.dtype)
-            part = self.compressors[spec.name].from_linear(a3, d3, spec.has_bias)
-            feats[spec.name] = feats[spec.name] + part if spec.name in feats else part
-        for spec, _ in self.fused:  # tracked but not reached by this batch: zero gradient
-            if spec.name not in feats:
-                feats[spec.name] = torch.zeros(B, self.compressors[spec.name].r, device=losses.device)
+            d3 = prepare_delta(use, d, B)
+            uses.setdefault(block.name, []).append(Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype)))
+        feats: dict[str, torch.Tensor] = {}
+        for block in self.fused:
+            comp = self.compressors[block.name]
+            if block.name in uses:
+                feats[block.name] = comp.from_uses(uses[block.name])
+            else:  # tracked but not reached by this batch: zero gradient
+                feats[block.name] = torch.zeros(B, comp.r, device=losses.device)
         if self.per_example is not None:
             grads = self.per_example(batch)
             for spec in self.func:

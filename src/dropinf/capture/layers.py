@@ -17,28 +17,31 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoTrackableLayersError
+from .modules import UseSpec, fused_kind, use_spec
 
 #: what ``track=`` accepts: None (every nn.Linear), "all" (every module owning trainable
 #: parameters), or a sequence of module names / glob patterns and module types.
 TrackSpec = Union[None, str, Sequence[Union[str, type]]]
 
-FUSED_KINDS = {nn.Linear: "linear"}
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     """One tracked parameter block.
 
-    name:         qualified module name (as in ``model.named_modules()``)
-    kind:         "linear" (fused hook) or "func" (torch.func fallback)
+    name:         qualified name of the (first) module owning it
+    kind:         "fused" (module hooks; see capture.modules) or "func" (torch.func fallback)
     param_names:  qualified parameter names, in the order of the block's parameter vector
     param_shapes: their shapes
+    uses:         for fused blocks, every module that uses the block's weight (several when
+                  weights are tied, e.g. input embedding and LM head); their gradients add up
     """
 
     name: str
     kind: str
     param_names: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
+    uses: tuple[UseSpec, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -51,29 +54,56 @@ class LayerSpec:
             total += n
         return total
 
-    @property
-    def has_bias(self) -> bool:
-        return self.kind == "linear" and len(self.param_names) == 2
-
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "params": list(self.param_names),
-                "shapes": [list(s) for s in self.param_shapes]}
+                "shapes": [list(s) for s in self.param_shapes],
+                "uses": [f"{u.module}:{u.kind}" for u in self.uses]}
 
 
 def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
-def _spec_for(name: str, module: nn.Module, fused: bool) -> LayerSpec | None:
-    own = _own_trainable(module)
-    if not own:
+def _fused_parts(name: str, module: nn.Module):
+    """(kind, weight, bias or None) if the module has a fused hook and a trainable weight."""
+    kind = fused_kind(module)
+    if kind is None or not module.weight.requires_grad:
         return None
-    prefix = f"{name}." if name else ""
-    if fused and isinstance(module, nn.Linear) and module.weight.requires_grad:
-        names = ["weight"] + (["bias"] if module.bias is not None and module.bias.requires_grad else [])
-        shapes = [tuple(getattr(module, n).shape) for n in names]
-        return LayerSpec(name, "linear", tuple(prefix + n for n in names), tuple(shapes))
-    return LayerSpec(name, "func", tuple(prefix + n for n, _ in own), tuple(tuple(p.shape) for _, p in own))
+    bias = getattr(module, "bias", None)
+    return kind, module.weight, (bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None)
+
+
+def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[LayerSpec]:
+    modules = dict(model.named_modules())
+    pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    blocks: list[dict] = []
+    by_weight: dict[int, dict] = {}
+    for n in chosen:
+        m = modules[n]
+        own = _own_trainable(m)
+        if not own:
+            continue
+        prefix = f"{n}." if n else ""
+        parts = _fused_parts(n, m) if fused else None
+        if parts is None:
+            blocks.append({"name": n, "kind": "func", "params": [(prefix + k, tuple(p.shape)) for k, p in own],
+                           "uses": []})
+            continue
+        kind, w, b = parts
+        blk = by_weight.get(id(w))
+        if blk is None:  # new block: weight first
+            blk = {"name": n, "kind": "fused", "params": [(pname[id(w)], tuple(w.shape))], "uses": [],
+                   "dim": w.numel()}
+            by_weight[id(w)] = blk
+            blocks.append(blk)
+        bias_at = None
+        if b is not None:
+            bias_at = blk["dim"]
+            blk["params"].append((prefix + "bias", tuple(b.shape)))
+            blk["dim"] += b.numel()
+        blk["uses"].append(use_spec(n, m, kind, bias_at))
+    return [LayerSpec(b["name"], b["kind"], tuple(p for p, _ in b["params"]), tuple(s for _, s in b["params"]),
+                      tuple(b["uses"])) for b in blocks]
 
 
 def _matches(name: str, module: nn.Module, item: Union[str, type]) -> bool:
@@ -87,11 +117,15 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
 
     ``fused=False`` routes every block through the torch.func fallback (used by benchmarks and
     as an independent path in tests). Raises NoTrackableLayersError when nothing is selected.
+    ``track="lora"`` selects exactly the trainable peft LoRA modules.
     """
     modules = dict(model.named_modules())
     if track is None:
         chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and _own_trainable(m)]
         what = "every nn.Linear with trainable parameters"
+    elif isinstance(track, str) and track == "lora":
+        chosen = [n for n, m in modules.items() if _is_lora_piece(n) and _own_trainable(m)]
+        what = "the trainable LoRA modules (lora_A / lora_B)"
     elif isinstance(track, str) and track == "all":
         chosen = [n for n, m in modules.items() if _own_trainable(m)]
         what = "every module owning trainable parameters"
@@ -109,14 +143,12 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
                 sub = [f"{n}.{c}" if n else c for c, m in modules[n].named_modules()
                        if _own_trainable(m)]
                 chosen.extend(s.rstrip(".") for s in sub)
-    seen, specs = set(), []
+    seen, uniq = set(), []
     for n in chosen:
-        if n in seen:
-            continue
-        seen.add(n)
-        spec = _spec_for(n, modules[n], fused)
-        if spec is not None:
-            specs.append(spec)
+        if n not in seen:
+            seen.add(n)
+            uniq.append(n)
+    specs = _build_specs(model, uniq, fused)
     if not specs:
         types = sorted({type(m).__name__ for m in modules.values() if _own_trainable(m)})
         raise NoTrackableLayersError(
@@ -127,6 +159,11 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
     return specs
 
 
+def _is_lora_piece(name: str) -> bool:
+    """peft names its adapters e.g. ...query.lora_A.default (a Linear in a ModuleDict)."""
+    return any(p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") for p in name.split("."))
+
+
 def _check_shared(specs: list[LayerSpec], model: nn.Module) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     owner: dict[int, str] = {}
@@ -135,8 +172,9 @@ def _check_shared(specs: list[LayerSpec], model: nn.Module) -> None:
             pid = id(params[pn])
             if pid in owner and owner[pid] != s.name:
                 raise ConfigError(
-                    f"parameter {pn} is shared by tracked modules {owner[pid]} and {s.name}; "
-                    f"track only one of them (tied weights are not supported yet).")
+                    f"parameter {pn} is shared by tracked blocks {owner[pid]} and {s.name}, and one of "
+                    f"them has no fused hook; tied weights are supported between fused modules only "
+                    f"(Linear, Conv1D, Conv2d, Embedding). Track only one of them.")
             owner[pid] = s.name
 
 

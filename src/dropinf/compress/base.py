@@ -4,13 +4,12 @@ A ``Compressor`` (user-facing options) builds one ``LayerCompressor`` per tracke
 compressor takes either
 
 * ``from_flat(g)``: per-example flat gradients ``g`` of shape (B, d_l) (torch.func fallback), or
-* ``from_linear(a, delta, has_bias)``: the inputs ``a`` (B, T, d_in) and output-gradients
-  ``delta`` (B, T, d_out) of an ``nn.Linear`` (the fused hook). The per-example weight gradient
-  is G_b = Σ_t δ_bt a_btᵀ; the bias gradient is Σ_t δ_bt.
+* ``from_uses(uses)``: the fused hook's captures — one ``capture.modules.Use`` per module call
+  touching the block, each holding the saved input and output-gradient.
 
-and returns (B, r_l). The base class implements ``from_linear`` by forming G and calling
-``from_flat``; compressors that can do better (Dropout, LoGra) override it so that the full
-per-example gradient is never formed.
+and returns (B, r_l). The base class implements ``from_uses`` by forming the full per-example
+gradient (``Use.full``) and calling ``from_flat``; compressors that can do better override it
+(Dropout gathers its r entries, LoGra projects first) so the full gradient is never formed.
 """
 
 from __future__ import annotations
@@ -53,14 +52,6 @@ def resolve_r(r: RSpec, layer: LayerSpec) -> int:
     return value
 
 
-def linear_grad(a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """Full per-example Linear gradient (B, d_out*d_in [+ d_out]) from inputs and output-grads."""
-    g = torch.einsum("bto,bti->boi", delta, a).reshape(a.shape[0], -1)
-    if has_bias:
-        g = torch.cat([g, delta.sum(1)], dim=1)
-    return g
-
-
 class LayerCompressorBase:
     """Shared behaviour of per-layer compressors. Subclasses set ``dim``/``r`` and ``from_flat``."""
 
@@ -70,8 +61,11 @@ class LayerCompressorBase:
     def from_flat(self, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
-        return self.from_flat(linear_grad(a, delta, has_bias))
+    def from_uses(self, uses: list) -> torch.Tensor:
+        g = uses[0].full(self.dim)
+        for u in uses[1:]:
+            g = g + u.full(self.dim)
+        return self.from_flat(g)
 
 
 @runtime_checkable
@@ -81,7 +75,7 @@ class LayerCompressor(Protocol):
 
     def from_flat(self, g: torch.Tensor) -> torch.Tensor: ...
 
-    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor: ...
+    def from_uses(self, uses: list) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -1,9 +1,10 @@
 """Dropout compression (paper §3.1, eq. 3): keep r_l randomly chosen coordinates of every
 per-example gradient block, one index set per layer shared by all train and query examples.
 
-For ``nn.Linear`` the kept weight entries (o, k) are computed straight from the layer's inputs
-and output-gradients, Σ_t δ_t[o]·a_t[k], so the B × d_out × d_in per-example gradient is never
-formed (O(B·T·r) work and memory instead of O(B·d)).
+For fused modules (Linear, Conv1D, Conv2d, Embedding) the kept weight entries (o, k) are
+computed straight from the layer's inputs and output-gradients, Σ_t δ_t[o]·a_t[k] (see
+capture.modules), so the B × d per-example gradient is never formed (O(B·T·r) work and memory
+instead of O(B·d)).
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ import torch
 
 from ..capture.layers import LayerSpec
 from .base import LayerCompressorBase, RSpec, layer_seed, resolve_r
-
-#: cap on B*T*r elements gathered at once by the fused Linear path (bounds temporary memory)
-_CHUNK_ELEMS = 1 << 24
-
 
 def sample_indices(dim: int, r: int, seed: int) -> torch.Tensor:
     """r distinct indices in [0, dim), uniformly without replacement, sorted (int64, CPU)."""
@@ -45,38 +42,24 @@ class DropoutLayer(LayerCompressorBase):
         self.indices = sample_indices(self.dim, r, layer_seed(seed, layer.name))
         self.r = int(self.indices.numel())
         self.factor = math.sqrt(self.dim / self.r) if scale else 1.0
-        if layer.kind == "linear":
-            d_out, d_in = layer.param_shapes[0]
-            nw = d_out * d_in
-            w = self.indices[self.indices < nw]
-            self._rows, self._cols = w // d_in, w % d_in
-            self._bias = self.indices[self.indices >= nw] - nw
-        self._cache: dict = {}
+        self._maps: dict = {}     # per (device, use) index maps, built on first use
+        self._idx: dict = {}
 
-    def _on(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
-        if key not in self._cache:
-            self._cache[key] = getattr(self, name).to(device)
-        return self._cache[key]
+    def _indices_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._idx:
+            self._idx[device] = self.indices.to(device)
+        return self._idx[device]
 
     def from_flat(self, g: torch.Tensor) -> torch.Tensor:
-        out = g[:, self._on("indices", g.device)]
+        out = g[:, self._indices_on(g.device)]
         return out * self.factor if self.factor != 1.0 else out
 
-    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
-        rows, cols = self._on("_rows", a.device), self._on("_cols", a.device)
-        B, T = a.shape[0], a.shape[1]
-        parts = []
-        step = max(1, _CHUNK_ELEMS // max(1, B * T))
-        for s in range(0, rows.numel(), step):
-            o, k = rows[s:s + step], cols[s:s + step]
-            if T == 1:
-                parts.append(delta[:, 0, o] * a[:, 0, k])
-            else:
-                parts.append(torch.einsum("btr,btr->br", delta[:, :, o], a[:, :, k]))
-        if self._bias.numel():
-            parts.append(delta[:, :, self._on("_bias", a.device)].sum(1))
-        out = torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
+    def from_uses(self, uses: list) -> torch.Tensor:
+        dev = uses[0].d.device
+        maps = self._maps.setdefault(dev, {})
+        out = uses[0].gather(self.indices, maps)
+        for u in uses[1:]:
+            out = out + u.gather(self.indices, maps)
         return out * self.factor if self.factor != 1.0 else out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture.layers import LayerSpec
-from .base import LayerCompressorBase, linear_grad
+from .base import LayerCompressorBase
 
 
 class _IdentityLayer(LayerCompressorBase):
@@ -16,9 +16,6 @@ class _IdentityLayer(LayerCompressorBase):
 
     def from_flat(self, g: torch.Tensor) -> torch.Tensor:
         return g
-
-    def from_linear(self, a, delta, has_bias):
-        return linear_grad(a, delta, has_bias)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ N(0, 1/r_in) and N(0, 1/r_out):
 
 The hook projects activations and output-grads first and sums the r_out × r_in outer products
 over tokens, so, like Dropout, the full per-example gradient is never formed. LoGra needs the
-Kronecker structure: it applies to Linear layers only (others raise IncompatibleMethodError).
+Kronecker structure: Linear, HF Conv1D, Conv2d (groups=1) and Embedding (one-hot input) have
+it; other blocks and tied weights raise IncompatibleMethodError. The output is ordered as the
+native weight layout's rows ⊗ columns (Conv1D and Embedding store W as (in, out)).
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ class LoGraLayer(LayerCompressorBase):
         return self.dim
 
     def __init__(self, layer: LayerSpec, r_in: int, r_out: int, seed: int):
-        d_out, d_in = layer.param_shapes[0]
-        self.bias = layer.has_bias
-        self.d_out, self.d_in = d_out, d_in + (1 if self.bias else 0)
+        (use,) = layer.uses
+        self.use = use
+        bias = use.bias_at is not None
+        if use.kind in ("linear", "conv2d"):          # native rows = out, cols = in
+            d_in, d_out = use.cols + bias, use.rows
+        else:                                          # conv1d / embedding: rows = in, cols = out
+            d_in, d_out = use.rows + bias, use.cols
+        self.d_in, self.d_out = d_in, d_out
         self.dim, self.r = layer.dim, r_in * r_out
         g_in = torch.Generator().manual_seed(layer_seed(seed, layer.name, salt=2))
         g_out = torch.Generator().manual_seed(layer_seed(seed, layer.name, salt=3))
-        self.p_in = torch.randn(r_in, self.d_in, generator=g_in) / math.sqrt(r_in)
+        self.p_in = torch.randn(r_in, d_in, generator=g_in) / math.sqrt(r_in)
         self.p_out = torch.randn(r_out, d_out, generator=g_out) / math.sqrt(r_out)
         self._cache: dict = {}
 
@@ -47,27 +54,32 @@ class LoGraLayer(LayerCompressorBase):
             self._cache[key] = (self.p_in.to(device, dtype), self.p_out.to(device, dtype))
         return self._cache[key]
 
-    def from_linear(self, a: torch.Tensor, delta: torch.Tensor, has_bias: bool) -> torch.Tensor:
-        p_in, p_out = self._mats(a.device, a.dtype)
-        if self.bias:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-        pa = a @ p_in.T          # (B, T, r_in)
-        pd = delta @ p_out.T     # (B, T, r_out)
-        return torch.einsum("bto,bti->boi", pd, pa).reshape(a.shape[0], -1)
+    def from_uses(self, uses: list) -> torch.Tensor:
+        p_in, p_out = self._mats(uses[0].d.device, uses[0].d.dtype)
+        out = uses[0].kron(p_in, p_out)
+        for u in uses[1:]:
+            out = out + u.kron(p_in, p_out)
+        return out
 
     def from_flat(self, g: torch.Tensor) -> torch.Tensor:
-        """Same projection from flat per-example gradients (torch.func path, tests)."""
+        """Same projection from flat per-example gradients (tests): P_row M P_colᵀ of the native
+        matrix M, with the bias appended as an extra input column/row."""
+        u = self.use
         p_in, p_out = self._mats(g.device, g.dtype)
-        B, nw = g.shape[0], self.d_out * (self.d_in - (1 if self.bias else 0))
-        w = g[:, :nw].reshape(B, self.d_out, -1)
-        if self.bias:
-            w = torch.cat([w, g[:, nw:].unsqueeze(-1)], -1)
-        return (p_out @ w @ p_in.T).reshape(B, -1)
+        B, nw = g.shape[0], u.rows * u.cols
+        w = g[:, :nw].reshape(B, u.rows, u.cols)
+        if u.kind in ("linear", "conv2d"):
+            if u.bias_at is not None:
+                w = torch.cat([w, g[:, u.bias_at:u.bias_at + u.rows].unsqueeze(-1)], -1)
+            return (p_out @ w @ p_in.T).reshape(B, -1)
+        if u.bias_at is not None:
+            w = torch.cat([w, g[:, u.bias_at:u.bias_at + u.cols].unsqueeze(1)], 1)
+        return (p_in @ w @ p_out.T).reshape(B, -1)
 
 
 @dataclass(frozen=True)
 class LoGra:
-    """r_in, r_out: projected input / output sizes per Linear layer (r = r_in·r_out)."""
+    """r_in, r_out: projected input / output sizes per layer (r = r_in·r_out)."""
 
     r_in: int = 8
     r_out: int = 8
@@ -75,10 +87,17 @@ class LoGra:
     kind: str = field(default="logra", init=False)
 
     def build(self, layer: LayerSpec) -> LoGraLayer:
-        if layer.kind != "linear":
+        if layer.kind != "fused":
             raise IncompatibleMethodError(
-                f"LoGra needs a Kronecker-structured (Linear) gradient; layer {layer.name!r} is "
-                f"handled by the torch.func fallback. Track only Linear layers, or use Dropout/Gaussian.")
+                f"LoGra needs a Kronecker-structured gradient; layer {layer.name!r} is handled by the "
+                f"torch.func fallback. Track only Linear/Conv1D/Conv2d/Embedding layers, or use Dropout/Gaussian.")
+        if len(layer.uses) != 1:
+            raise IncompatibleMethodError(
+                f"LoGra on the tied weight of {[u.module for u in layer.uses]}: the uses project different "
+                f"sides of the matrix. Track one of the modules, or use Dropout/Gaussian.")
+        if layer.uses[0].groups != 1:
+            raise IncompatibleMethodError(f"LoGra on grouped Conv2d {layer.name!r} (groups="
+                                          f"{layer.uses[0].groups}) has no Kronecker structure; use Dropout.")
         return LoGraLayer(layer, self.r_in, self.r_out, self.seed)
 
     def signature(self) -> dict:

@@ -1,0 +1,203 @@
+"""Fused per-module-type math: compressed per-example gradient entries from a module's saved
+input and its output-gradient, without forming the full per-example gradient.
+
+Every supported module is "linear in its weight": per example, the gradient of the weight in
+its *native storage layout* is a sum over positions t of outer products. A ``Use`` knows, for
+one module, how to turn (saved input, output-grad δ) into
+
+* ``gather(idx)``: the entries at flat indices ``idx`` of the block's parameter vector (Dropout),
+* ``full()``:      the whole flat per-example gradient (Identity, Gaussian),
+* ``kron(P_in, P_out)``: LoGra's Σ_t (P ã_t) ⊗ (P δ_t) in native row/column order.
+
+Native layouts (row-major): Linear W (d_out, d_in); HF Conv1D W (d_in, d_out); Conv2d W
+(C_out, C_in/groups, kh, kw); Embedding W (V, D). A bias (if tracked) follows the weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CHUNK_ELEMS = 1 << 24  # cap on B*T*r elements gathered at once
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except Exception:  # transformers not installed
+        return None
+
+
+def fused_kind(module: nn.Module) -> str | None:
+    """The fused kind for a module, or None if it needs the torch.func fallback."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    c1 = _conv1d_type()
+    if c1 is not None and isinstance(module, c1):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq and not module.sparse \
+            and module.max_norm is None:
+        return "embedding"
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return "conv2d"
+    return None
+
+
+@dataclass(frozen=True)
+class UseSpec:
+    """One module's use of a block's weight. rows/cols: native weight layout (2-D view);
+    bias_at: offset of this module's bias in the block vector (None: no tracked bias)."""
+
+    module: str
+    kind: str
+    rows: int
+    cols: int
+    bias_at: int | None = None
+    groups: int = 1
+    padding_idx: int | None = None
+    conv: tuple = ()  # (kernel, stride, padding, dilation) for conv2d
+
+
+def use_spec(name: str, module: nn.Module, kind: str, bias_at: int | None) -> UseSpec:
+    w = module.weight
+    if kind == "linear":
+        return UseSpec(name, kind, w.shape[0], w.shape[1], bias_at)
+    if kind == "conv1d":
+        return UseSpec(name, kind, w.shape[0], w.shape[1], bias_at)
+    if kind == "embedding":
+        return UseSpec(name, kind, w.shape[0], w.shape[1], None, padding_idx=module.padding_idx)
+    if kind == "conv2d":
+        k = w.shape[1] * w.shape[2] * w.shape[3]
+        return UseSpec(name, kind, w.shape[0], k, bias_at, groups=module.groups,
+                       conv=(module.kernel_size, module.stride, module.padding, module.dilation))
+    raise ValueError(kind)
+
+
+class Use:
+    """Per-batch capture of one module call: ``a`` is the saved input representation
+    (B, T, in) — tokens for embedding — and ``d`` the output-gradient (B, T, out)."""
+
+    def __init__(self, spec: UseSpec, a: torch.Tensor, d: torch.Tensor):
+        self.spec, self.a, self.d = spec, a, d
+
+    # ---- the three primitives -------------------------------------------------------
+    def gather(self, idx: torch.Tensor, maps: dict) -> torch.Tensor:
+        s = self.spec
+        key = (s.module, "maps")
+        if key not in maps:
+            maps[key] = _index_maps(s, idx, self.a.device)
+        w_pos, rows_o, cols_k, bias_pos, bias_o = maps[key]
+        B = self.a.shape[0]
+        out = torch.zeros(B, idx.numel(), device=self.d.device, dtype=self.d.dtype)
+        if w_pos.numel():
+            out[:, w_pos] = self._weight_entries(rows_o, cols_k)
+        if bias_pos.numel():
+            out[:, bias_pos] = self.d[:, :, bias_o].sum(1)
+        return out
+
+    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Σ_t δ_t[o_s] · a_t[k_s] for output index o_s and input index k_s of each sample s."""
+        a, d = self.a, self.d
+        B, T = d.shape[0], d.shape[1]
+        step = max(1, _CHUNK_ELEMS // max(1, B * T))
+        parts = []
+        for s0 in range(0, o.numel(), step):
+            oo, kk = o[s0:s0 + step], k[s0:s0 + step]
+            if self.spec.kind == "embedding":   # a holds token ids; in-index = token, out = dim
+                hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
+                parts.append((hit * d[:, :, oo]).sum(1))
+            elif T == 1:
+                parts.append(d[:, 0, oo] * a[:, 0, kk])
+            else:
+                parts.append(torch.einsum("btr,btr->br", d[:, :, oo], a[:, :, kk]))
+        return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+
+    def full(self, dim: int) -> torch.Tensor:
+        """The whole flat per-example gradient of the block (B, dim), zeros where this use has no say."""
+        s, a, d = self.spec, self.a, self.d
+        B = d.shape[0]
+        out = torch.zeros(B, dim, device=d.device, dtype=d.dtype)
+        if s.kind == "embedding":
+            g = torch.zeros(B, s.rows, s.cols, device=d.device, dtype=d.dtype)
+            g.scatter_add_(1, a.unsqueeze(-1).expand(-1, -1, s.cols), d)
+            if s.padding_idx is not None:
+                g[:, s.padding_idx] = 0
+            out[:, :s.rows * s.cols] = g.reshape(B, -1)
+            return out
+        g = torch.einsum("bto,bti->boi", d, a)            # (B, out, in_total)
+        if s.kind == "conv2d" and s.groups > 1:
+            og = s.rows // s.groups
+            g = torch.cat([g[:, i * og:(i + 1) * og, i * s.cols:(i + 1) * s.cols] for i in range(s.groups)], 1)
+        if s.kind == "conv1d":
+            g = g.transpose(1, 2)
+        out[:, :s.rows * s.cols] = g.reshape(B, -1)
+        if s.bias_at is not None:
+            nb = d.shape[-1]
+            out[:, s.bias_at:s.bias_at + nb] = d.sum(1)
+        return out
+
+    def kron(self, p_in: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+        """LoGra: Σ_t (P_in ã_t) ⊗ (P_out δ_t), ordered as the native (rows, cols) layout."""
+        s, a, d = self.spec, self.a, self.d
+        B = d.shape[0]
+        if s.kind == "embedding":
+            pa = p_in.T[a]                                       # (B, T, r_in)
+            if s.padding_idx is not None:
+                pa = pa * (a != s.padding_idx).unsqueeze(-1).to(pa.dtype)
+        else:
+            if s.bias_at is not None:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+            pa = a @ p_in.T
+        pd = d @ p_out.T
+        if s.kind in ("linear", "conv2d"):                      # rows = out, cols = in
+            return torch.einsum("bto,bti->boi", pd, pa).reshape(B, -1)
+        return torch.einsum("bti,bto->bio", pa, pd).reshape(B, -1)  # rows = in, cols = out
+
+
+def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
+    """Split block indices into this use's weight entries (output o, input column k) and bias."""
+    idx = idx.to(device)
+    nw = s.rows * s.cols
+    in_w = idx < nw
+    w_pos = torch.nonzero(in_w).flatten()
+    wi = idx[in_w]
+    if s.kind in ("linear", "conv2d"):
+        o, k = wi // s.cols, wi % s.cols
+        if s.kind == "conv2d" and s.groups > 1:
+            k = (o // (s.rows // s.groups)) * s.cols + k     # column in the unfolded patches
+    elif s.kind == "conv1d":                                  # W[k, o]
+        k, o = wi // s.cols, wi % s.cols
+    else:                                                     # embedding W[v, j]: in = token v, out = j
+        k, o = wi // s.cols, wi % s.cols
+        if s.padding_idx is not None:
+            keep = k != s.padding_idx
+            w_pos, o, k = w_pos[keep], o[keep], k[keep]
+    if s.bias_at is not None:
+        nb = s.rows if s.kind in ("linear", "conv2d") else s.cols
+        in_b = (idx >= s.bias_at) & (idx < s.bias_at + nb)
+        bias_pos = torch.nonzero(in_b).flatten()
+        bias_o = idx[in_b] - s.bias_at
+    else:
+        bias_pos = bias_o = torch.zeros(0, dtype=torch.long, device=device)
+    return w_pos, o, k, bias_pos, bias_o
+
+
+def prepare(spec: UseSpec, inp: torch.Tensor, B: int) -> torch.Tensor:
+    """Saved input representation (B, T, in) — token ids (B, T) for embedding."""
+    if spec.kind == "embedding":
+        return inp.reshape(B, -1)
+    if spec.kind == "conv2d":
+        kernel, stride, padding, dilation = spec.conv
+        cols = F.unfold(inp, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*k, L)
+        return cols.transpose(1, 2)
+    return inp.reshape(B, -1, inp.shape[-1])
+
+
+def prepare_delta(spec: UseSpec, dy: torch.Tensor, B: int) -> torch.Tensor:
+    if spec.kind == "conv2d":
+        return dy.reshape(B, dy.shape[1], -1).transpose(1, 2)   # (B, L, C_out)
+    return dy.reshape(B, -1, dy.shape[-1])
