@@ -7,7 +7,9 @@ parameter gradient is computed and no ``.grad`` field is touched — and the blo
 turns every (input, δ) pair into (B, r_l) numbers. Because the batch loss is the *sum* of the
 per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient.
 A module called several times in one forward, or a weight tied between modules, adds up every
-call.
+call. A module whose input has leading dimension 1 while the batch has B > 1 (position ids
+shared by the batch and broadcast later) has its output expanded to B rows by the hook — the
+same values, as a view — so that each example's output-gradient stays separate.
 
 Gradient checkpointing: the recorded outputs are not enough (re-entrant checkpointing runs the
 first forward without grad and recomputes it during backward), so when a module of the model
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import LossShapeError, NonFiniteGradientError
-from .functional import LossFn, PerExampleGrads, flatten_block
+from .functional import LossFn, PerExampleGrads, batch_size, flatten_block
 from .layers import LayerSpec
 from .modules import Use, UseSpec, prepare, prepare_delta
 
@@ -64,15 +66,27 @@ class BatchCapture:
         done: list = []
         handles = []
 
+        try:
+            B = batch_size(batch)
+        except TypeError:
+            B = None
+
         def make_hook(block: LayerSpec, use: UseSpec):
             def hook(mod, inputs, output):
                 if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-                    return
-                a = prepare(use, inputs[0].detach(), inputs[0].shape[0])
+                    return None
+                x = inputs[0].detach()
+                if B is not None and B > 1 and x.shape[0] == 1:
+                    # shared across the batch and broadcast later (e.g. position ids of shape
+                    # (1, T)): expand so that each example's output-gradient stays separate
+                    x = x.expand(B, *x.shape[1:])
+                    output = output.expand(B, *output.shape[1:])
+                a = prepare(use, x, x.shape[0])
                 if tensor_hooks:
                     output.register_hook(lambda g, a=a: done.append((block, use, a, g.detach())))
                 else:
                     records.append((block, use, a, output))
+                return output
             return hook
 
         try:

@@ -19,8 +19,9 @@ from torch import nn
 from ..errors import ConfigError, NoTrackableLayersError
 from .modules import UseSpec, fused_kind, use_spec
 
-#: what ``track=`` accepts: None (every nn.Linear), "all" (every module owning trainable
-#: parameters), or a sequence of module names / glob patterns and module types.
+#: what ``track=`` accepts: None (every nn.Linear and HF Conv1D), "all" (every module owning
+#: trainable parameters), "lora" (the trainable peft LoRA modules), or a sequence of module
+#: names / glob patterns and module types.
 TrackSpec = Union[None, str, Sequence[Union[str, type]]]
 
 
@@ -76,32 +77,53 @@ def _fused_parts(name: str, module: nn.Module):
 def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[LayerSpec]:
     modules = dict(model.named_modules())
     pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    # every module using each weight Parameter (tied weights have several)
+    users: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter):
+            users.setdefault(id(w), []).append(n)
     blocks: list[dict] = []
     by_weight: dict[int, dict] = {}
-    for n in chosen:
-        m = modules[n]
-        own = _own_trainable(m)
-        if not own:
-            continue
-        prefix = f"{n}." if n else ""
-        parts = _fused_parts(n, m) if fused else None
-        if parts is None:
-            blocks.append({"name": n, "kind": "func", "params": [(prefix + k, tuple(p.shape)) for k, p in own],
-                           "uses": []})
-            continue
-        kind, w, b = parts
-        blk = by_weight.get(id(w))
-        if blk is None:  # new block: weight first
-            blk = {"name": n, "kind": "fused", "params": [(pname[id(w)], tuple(w.shape))], "uses": [],
-                   "dim": w.numel()}
-            by_weight[id(w)] = blk
-            blocks.append(blk)
+    placed: set[str] = set()
+
+    def add_use(blk: dict, n: str, kind: str, b) -> None:
         bias_at = None
         if b is not None:
             bias_at = blk["dim"]
-            blk["params"].append((prefix + "bias", tuple(b.shape)))
+            blk["params"].append((f"{n}.bias" if n else "bias", tuple(b.shape)))
             blk["dim"] += b.numel()
-        blk["uses"].append(use_spec(n, m, kind, bias_at))
+        blk["uses"].append(use_spec(n, modules[n], kind, bias_at))
+        placed.add(n)
+
+    for n in chosen:
+        m = modules[n]
+        own = _own_trainable(m)
+        if not own or n in placed:
+            continue
+        parts = _fused_parts(n, m) if fused else None
+        if parts is None:
+            prefix = f"{n}." if n else ""
+            blocks.append({"name": n, "kind": "func", "params": [(prefix + k, tuple(p.shape)) for k, p in own],
+                           "uses": []})
+            placed.add(n)
+            continue
+        kind, w, b = parts
+        blk = {"name": n, "kind": "fused", "params": [(pname[id(w)], tuple(w.shape))], "uses": [], "dim": w.numel()}
+        by_weight[id(w)] = blk
+        blocks.append(blk)
+        add_use(blk, n, kind, b)
+        # a tied weight's per-example gradient is the sum over every module using it
+        for other in users.get(id(w), []):
+            if other == n or other in placed:
+                continue
+            oparts = _fused_parts(other, modules[other])
+            if oparts is None:
+                raise ConfigError(
+                    f"the weight of {n!r} is tied to module {other!r} ({type(modules[other]).__name__}), "
+                    f"which has no fused hook; its gradient would be incomplete. Untie the weights or "
+                    f"track these modules with CaptureOptions(fused=False).")
+            add_use(blk, other, oparts[0], oparts[2])
     return [LayerSpec(b["name"], b["kind"], tuple(p for p, _ in b["params"]), tuple(s for _, s in b["params"]),
                       tuple(b["uses"])) for b in blocks]
 
@@ -121,8 +143,8 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
     """
     modules = dict(model.named_modules())
     if track is None:
-        chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) and _own_trainable(m)]
-        what = "every nn.Linear with trainable parameters"
+        chosen = [n for n, m in modules.items() if fused_kind(m) in ("linear", "conv1d") and _own_trainable(m)]
+        what = "every nn.Linear (and HF Conv1D) with trainable parameters"
     elif isinstance(track, str) and track == "lora":
         chosen = [n for n, m in modules.items() if _is_lora_piece(n) and _own_trainable(m)]
         what = "the trainable LoRA modules (lora_A / lora_B)"

@@ -1,0 +1,97 @@
+"""Conv2d and Embedding fused capture against single-example backward passes; LoGra on them."""
+
+import pytest
+import torch
+from torch import nn
+
+from dropinf import Dropout, Gaussian, Identity, LoGra
+from dropinf.capture.engine import BatchCapture
+from dropinf.capture.layers import select_layers
+from dropinf.errors import IncompatibleMethodError
+from tests.helpers import loop_grads
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
+        self.c3 = nn.Conv2d(6, 4, (2, 3), stride=(1, 2))
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        h = self.c3(h)
+        return self.fc(h.mean((2, 3)))
+
+
+class EmbNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5, padding_idx=0)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + 0.5 * self.emb(ids.flip(1))    # the same module called twice
+        return self.out(torch.tanh(h).sum(1))
+
+
+def ce(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def capture_check(model, batch, comp, track="all"):
+    layers = select_layers(model, track)
+    comps = {l.name: comp.build(l) for l in layers}
+    feats, _ = BatchCapture(model, ce, layers, comps)(batch)
+    for l in layers:
+        ref = loop_grads(model, ce, batch, l.param_names)
+        want = comps[l.name].from_flat(ref)
+        torch.testing.assert_close(feats[l.name].double(), want, rtol=1e-5, atol=1e-7 * float(want.abs().max() + 1))
+    return layers
+
+
+@pytest.mark.parametrize("comp", [Dropout(r=30, seed=0), Dropout(r=10_000, seed=1), Identity(), Gaussian(r=7, seed=2)],
+                         ids=["dropout", "dropout-all", "identity", "gaussian"])
+def test_conv2d_stride_padding_groups_dilation(comp):
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    batch = (torch.randn(4, 3, 9, 8, dtype=torch.float64), torch.randint(0, 5, (4,)))
+    layers = capture_check(model, batch, comp)
+    assert [u.kind for l in layers for u in l.uses] == ["conv2d", "conv2d", "conv2d", "linear"]
+
+
+@pytest.mark.parametrize("comp", [Dropout(r=25, seed=0), Identity(), Dropout(r=55, seed=3, scale=True)],
+                         ids=["dropout", "identity", "dropout-all-scaled"])
+def test_embedding_repeated_tokens_and_padding_idx(comp):
+    torch.manual_seed(0)
+    model = EmbNet().double()
+    ids = torch.tensor([[3, 3, 5, 0, 0], [1, 2, 3, 4, 3], [0, 7, 7, 7, 10]])
+    batch = (ids, torch.tensor([0, 2, 1]))
+    capture_check(model, batch, comp)
+    if isinstance(comp, Identity):  # padding row receives exactly zero
+        layers = select_layers(model, "all")
+        feats, _ = BatchCapture(model, ce, layers, {l.name: comp.build(l) for l in layers})(batch)
+        assert torch.all(feats["emb"][:, :5] == 0)
+
+
+def test_logra_on_conv2d_and_embedding():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    batch = (torch.randn(3, 3, 9, 8, dtype=torch.float64), torch.randint(0, 5, (3,)))
+    capture_check(model, batch, LoGra(r_in=4, r_out=3), track=["c1", "c3", "fc"])
+    with pytest.raises(IncompatibleMethodError, match="grouped"):
+        capture_check(model, batch, LoGra(), track=["c2"])
+    emb = EmbNet().double()
+    capture_check(emb, (torch.tensor([[3, 3, 0], [1, 2, 9]]), torch.tensor([0, 1])), LoGra(r_in=4, r_out=2))
+
+
+def test_unsupported_module_routes_to_func_fallback_not_missing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2)).double()
+    layers = select_layers(model, "all")
+    assert [l.kind for l in layers] == ["func", "fused"]
+    capture_check(model, (torch.randn(3, 2, 6, dtype=torch.float64), torch.tensor([0, 1, 1])), Dropout(r=9))
