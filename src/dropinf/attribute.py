@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout, Identity
 from .errors import ConfigError, EmptyDataError
 from .estimators import FitContext, GaussNewton
+from .score.blockwise import TopK, stream_scores, topk_merge
 from .store.features import Features, check_compatible
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -90,7 +92,9 @@ class Attributor:
         self.layers = select_layers(model, track, fused=self.options.fused)
         self.compressors = {l.name: self.compressor.build(l) for l in self.layers}
         self.train_features: Features | None = None
+        self.store = None
         self._fitted = None
+        self._matrices: dict = {}
         self._train_loader = None
 
     # ------------------------------------------------------------------ features
@@ -116,6 +120,9 @@ class Attributor:
             yield
         finally:
             self.model.train(was)
+
+    def _batch_to_device(self, batch):
+        return _to(batch, self.device)
 
     def compute_features(self, loader: Iterable, desc: str = "features") -> Features:
         """Compressed per-example gradients of every example the loader yields, in order."""
@@ -153,14 +160,54 @@ class Attributor:
               for l in self.layers}
         return Features(data, self.signature(), torch.cat(losses), dd)
 
-    def featurize(self, train_loader: Iterable) -> Features:
-        """Capture train features and fit the estimator (H̃ and its solve). Returns the features."""
+    def featurize(self, train_loader: Iterable, store: str | Path | None = None, chunk_size: int = 4096,
+                  dtype: str = "float32"):
+        """Capture train features and fit the estimator (H̃ and its solve).
+
+        store=None: features in memory; returns them (Features).
+        store=PATH: stream them to an on-disk FeatureStore in chunks of ``chunk_size`` rows
+        (dtype "float32", "float16" or "bfloat16"), resuming a previous interrupted run into the
+        same folder, split across processes under torchrun; returns the FeatureStore.
+        """
         self._train_loader = train_loader
+        if store is not None:
+            from .store.build import featurize_to_store
+            self.store = featurize_to_store(self, train_loader, store, chunk_size, dtype)
+            self.fit()
+            return self.store
+        self.store = None
         self.train_features = self.compute_features(train_loader, desc="featurize train")
         self.fit()
         return self.train_features
 
+    @classmethod
+    def from_store(cls, path: str | Path, model: nn.Module, loss_fn: LossFn, estimator=None,
+                   options: CaptureOptions | None = None, progress: bool = True) -> "Attributor":
+        """Reopen a complete store built earlier (by featurize(..., store=PATH) or `dropinf
+        featurize`) with the same model; the compressor, seed, r and layers come from its
+        manifest, and a model that differs from the one that built the store is refused."""
+        from .compress import from_signature
+        from .store.disk import FeatureStore
+
+        st = FeatureStore.open(path)
+        sig = st.manifest["signature"]
+        fused = any(l["kind"] == "fused" for l in sig["layers"])
+        opts = options or CaptureOptions(fused=fused)
+        attr = cls(model, loss_fn, compressor=from_signature(sig["compressor"]), estimator=estimator,
+                   track=[l["name"] for l in sig["layers"]], options=opts, progress=progress)
+        check_compatible(Features({}, attr.signature()), Features({}, sig))
+        attr.store = st
+        attr.fit()
+        return attr
+
     def fit(self):
+        if self.store is not None:
+            if hasattr(self.estimator, "fit_stream") and all(l.r <= self.store.n for l in self.store.layers):
+                self._matrices = self.estimator.fit_stream(self.store)
+                self._fitted = "stream"
+                return self._fitted
+            # estimators that need every row at once (LiSSA, ExactHessian, Woodbury): load them
+            self.train_features = self.store_features()
         if self.train_features is None:
             raise ConfigError("call featurize(train_loader) before fit/score")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
@@ -170,26 +217,75 @@ class Attributor:
         return self._fitted
 
     # ------------------------------------------------------------------ scores
-    def score(self, query, reduce: Literal["none", "mean"] = "none") -> np.ndarray:
+    def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None) -> np.ndarray:
         """Influence scores, numpy float32 of shape (n_query, n_train) — or (1, n_train) with
         reduce="mean" (the query is the mean query gradient, paper eq. 1).
 
         query: a DataLoader (or any iterable of batches) or a Features object.
+        out:   optional (n_query, n_train) float32 array to fill, e.g. a memmap from
+               np.lib.format.open_memmap(path, "w+", np.float32, shape) for matrices larger than RAM.
         scores[q, i] > 0: train example i is harmful to query q (up-weighting it raises q's loss).
         """
         if self._fitted is None:
             raise ConfigError("call featurize(train_loader) before score(query)")
+        feats = self._query(query, reduce)
+        if self._fitted == "stream":
+            return stream_scores(self.store, self._precondition(feats), out=out, progress=self.progress)
+        s = self._fitted.score(feats).cpu().numpy().astype(np.float32)
+        if out is not None:
+            out[:] = s
+            return out
+        return s
+
+    def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none", block: int = 256) -> TopK:
+        """The k most helpful (most negative I) and most harmful (most positive I) train examples
+        per query, without holding the (n_query, n_train) matrix: streamed over stored chunks,
+        or over blocks of ``block`` queries in memory."""
+        if self._fitted is None:
+            raise ConfigError("call featurize(train_loader) before topk(query)")
+        if k < 1:
+            raise ConfigError("k must be ≥ 1")
+        feats = self._query(query, reduce)
+        if self._fitted == "stream":
+            return stream_scores(self.store, self._precondition(feats), k=k, progress=self.progress)
+        parts = []
+        for s in range(0, feats.n, block):
+            scores = self._fitted.score(feats.rows(s, s + block))
+            parts.append(topk_merge([(0, scores)], scores.shape[0], k))
+        return TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                      ("helpful_idx", "helpful_scores", "harmful_idx", "harmful_scores")))
+
+    def _query(self, query, reduce) -> Features:
         feats = query if isinstance(query, Features) else self.compute_features(query, desc="featurize query")
-        check_compatible(feats, self.train_features)
+        ref = self.store.manifest["signature"] if self.store is not None else self.train_features.signature
+        check_compatible(feats, Features({}, ref))
         if reduce == "mean":
-            feats = feats.mean()
-        elif reduce != "none":
+            return feats.mean()
+        if reduce != "none":
             raise ConfigError(f"reduce must be 'none' or 'mean', got {reduce!r}")
-        return self._fitted.score(feats).cpu().numpy().astype(np.float32)
+        return feats
+
+    def _precondition(self, feats: Features) -> dict[str, torch.Tensor]:
+        return {name: feats.data[name].double() @ m for name, m in self._matrices.items()}
+
+    def store_features(self) -> Features:
+        """All stored train features in memory (for estimators that need every row at once)."""
+        parts: dict[str, list] = {l.name: [] for l in self.store.layers}
+        for _, chunk in self.store.iter_chunks():
+            for k, v in chunk.items():
+                parts[k].append(v)
+        return Features({k: torch.cat(v) for k, v in parts.items()}, self.store.manifest["signature"],
+                        damping_dims={l.name: l.damping_dim for l in self.store.layers})
 
     def self_influence(self) -> np.ndarray:
         """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD H̃; large −I(i,i)
         marks unusual (often mislabeled) examples."""
         if self._fitted is None:
             raise ConfigError("call featurize(train_loader) before self_influence()")
+        if self._fitted == "stream":
+            out = []
+            for _, chunk in self.store.iter_chunks():
+                s = sum((chunk[k].double() @ m * chunk[k].double()).sum(1) for k, m in self._matrices.items())
+                out.append(-np.asarray(s, dtype=np.float32))
+            return np.concatenate(out)
         return self._fitted.self_scores().cpu().numpy().astype(np.float32)

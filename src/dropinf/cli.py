@@ -3,26 +3,136 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+SIGN = ("Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 means training example i "
+        "is harmful to query q (up-weighting it raises q's loss), < 0 means it helps.")
 
-def main(argv: list[str] | None = None) -> int:
+
+def _compressor(a):
+    from . import Dropout, Gaussian, Identity, LoGra
+    if a.compressor == "dropout":
+        return Dropout(r=a.r, seed=a.seed, scale=a.scale)
+    if a.compressor == "gaussian":
+        return Gaussian(r=a.r, seed=a.seed)
+    if a.compressor == "logra":
+        return LoGra(r_in=a.r_in, r_out=a.r_out, seed=a.seed)
+    return Identity()
+
+
+def _estimator(name):
+    from . import DataInf, GaussNewton, GradDot
+    return {"gauss-newton": GaussNewton, "datainf": DataInf, "hessian-free": GradDot}[name]()
+
+
+def _add_entry(p, store_help="store folder"):
+    p.add_argument("entry", help="module:function returning dict(model, loss_fn, train, query, "
+                                 "[collate_fn], [batch_size]); see dropinf.entry")
+    p.add_argument("--store", required=True, help=store_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dropinf",
-        description="Training-data attribution with dropout-compressed influence functions. "
-                    "Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 means "
-                    "training example i is harmful to query q (up-weighting it raises q's loss).")
+        description="Training-data attribution with dropout-compressed influence functions. " + SIGN)
     sub = parser.add_subparsers(dest="cmd", required=True)
+
     demo = sub.add_parser("demo", help="mislabeled-data detection on real data (sklearn digits, 20%% labels "
                                        "flipped): AUC table for Orig / Gaussian / Dropout with seconds")
     demo.add_argument("--out", default="dropinf-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--r", type=int, default=64, help="coordinates kept per layer (default: %(default)s)")
     demo.add_argument("--seeds", type=int, default=5, help="runs per compressed method (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
+
+    fz = sub.add_parser("featurize", help="compress every training example's gradient into an on-disk store "
+                                          "(resumable; run under torchrun for several processes)")
+    _add_entry(fz, "store folder to create or resume")
+    fz.add_argument("--compressor", choices=["dropout", "gaussian", "logra", "identity"], default="dropout")
+    fz.add_argument("--size", "--r", dest="r", type=int, default=64,
+                    help="r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
+                         "write --size (torchrun mistakes --r for its own options)")
+    fz.add_argument("--r-in", type=int, default=8, help="LoGra input projection size")
+    fz.add_argument("--r-out", type=int, default=8, help="LoGra output projection size")
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--scale", action="store_true", help="dropout: scale kept entries by sqrt(d/r)")
+    fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
+                                                   "(default: every Linear)")
+    fz.add_argument("--chunk-size", type=int, default=4096, help="rows per shard (default: %(default)s)")
+    fz.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    fz.add_argument("--no-progress", action="store_true")
+
+    for name, hlp in (("score", "write the full (n_query, n_train) score matrix to a .npy memmap"),
+                      ("topk", "the k most helpful and most harmful training examples per query, as JSON")):
+        p = sub.add_parser(name, help=hlp, description=hlp + ". " + SIGN)
+        _add_entry(p)
+        p.add_argument("--estimator", choices=["gauss-newton", "datainf", "hessian-free"], default="gauss-newton")
+        p.add_argument("--reduce", choices=["none", "mean"], default="none",
+                       help="mean: one query, the mean query gradient (influence on the mean query loss)")
+        p.add_argument("--out", required=(name == "score"), default=None,
+                       help="output file (.npy for score, .json for topk; topk prints if omitted)")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "topk":
+            p.add_argument("-k", type=int, default=10)
+
+    info = sub.add_parser("info", help="what a store holds")
+    info.add_argument("store")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import DropinfError
+    try:
+        return _run(args)
+    except DropinfError as exc:
+        print(f"dropinf {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.cmd == "demo":
         from .eval.demo import run_demo
         run_demo(out=args.out, r=args.r, seeds=args.seeds, progress=not args.no_progress)
+        return 0
+    if args.cmd == "info":
+        from .store.disk import FeatureStore
+        print(json.dumps(FeatureStore.open(args.store, require_complete=False).info(), indent=1))
+        return 0
+    from .attribute import Attributor
+    from .entry import load_entry
+    task = load_entry(args.entry)
+    if args.cmd == "featurize":
+        track = args.track
+        if track and track not in ("all", "lora"):
+            track = [t.strip() for t in track.split(",") if t.strip()]
+        attr = Attributor(task.model, task.loss_fn, compressor=_compressor(args), track=track,
+                          progress=not args.no_progress)
+        store = attr.featurize(task.loader("train"), store=args.store, chunk_size=args.chunk_size, dtype=args.dtype)
+        from .store.build import dist_info
+        if dist_info()[0] == 0:
+            print(json.dumps(store.info(), indent=1))
+        return 0
+    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=_estimator(args.estimator),
+                                 progress=not args.no_progress)
+    q = task.loader("query")
+    if args.cmd == "score":
+        import numpy as np
+        n_q = 1 if args.reduce == "mean" else len(task.query)
+        out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.float32, shape=(n_q, attr.store.n))
+        attr.score(q, reduce=args.reduce, out=out)
+        out.flush()
+        print(f"wrote {args.out}: float32 ({n_q}, {attr.store.n}). {SIGN}")
+        return 0
+    top = attr.topk(q, k=args.k, reduce=args.reduce)
+    text = json.dumps(top.as_dict())
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}: helpful_idx/helpful_scores (most negative I first) and "
+              f"harmful_idx/harmful_scores (most positive first), each ({len(top.helpful_idx)}, {args.k})")
+    else:
+        print(text)
     return 0
 
 

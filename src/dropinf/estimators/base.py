@@ -144,3 +144,26 @@ def layer_dampings(train: Features, factor: float, fixed: float | None = None) -
     """λ_l per layer: fixed if given, else factor · mean squared entry (paper App. D.1)."""
     return {k: (fixed if fixed is not None else paper_damping(v, factor, train.damping_dim(k)))
             for k, v in train.data.items()}
+
+
+def stream_stats(store, weights_fn=None, gram: bool = True, progress: bool = False) -> tuple[dict, dict, int]:
+    """One pass over a FeatureStore: per layer Σ‖g‖² and (if gram) Gᵀ diag(w) G with
+    w = weights_fn(layer, chunk) or 1, in float64. Returns (sumsq, gram, n). Memory: one chunk."""
+    from tqdm.auto import tqdm
+
+    sums, grams, n = {}, {}, 0
+    for _, chunk in tqdm(store.iter_chunks(), total=store.n_chunks, desc="precondition", leave=False,
+                         disable=not progress):
+        for name, g in chunk.items():
+            g64 = g.double()
+            sums[name] = sums.get(name, 0.0) + float((g64 * g64).sum())
+            if gram:
+                gw = g64 if weights_fn is None else g64 * weights_fn(name, g64)[:, None]
+                grams[name] = grams.get(name, 0) + gw.T @ g64
+        n += next(iter(chunk.values())).shape[0]
+    return sums, grams, n
+
+
+def store_damping(store, sums: dict, n: int, factor: float, fixed: float | None) -> dict:
+    dd = {l.name: l.damping_dim for l in store.layers}
+    return {k: (fixed if fixed is not None else factor * s / (n * dd[k])) for k, s in sums.items()}

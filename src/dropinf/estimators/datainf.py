@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..store.features import Features
-from .base import FitContext, SolveScores, layer_dampings
+from .base import FitContext, SolveScores, layer_dampings, store_damping, stream_stats
 from .linalg import row_norms_sq, times_g, times_gt
 
 
@@ -42,3 +42,16 @@ class DataInf:
             return out
 
         return SolveScores(solve, train)
+
+    def fit_stream(self, store) -> dict[str, torch.Tensor]:
+        """M_l = (1/λ)(I − (1/n) Σ_k w_k g_k g_kᵀ) from two streamed passes (eq. 10 as a matrix)."""
+        sums, _, n = stream_stats(store, gram=False)
+        lams = store_damping(store, sums, n, self.damping_factor, self.damping)
+        _, grams, _ = stream_stats(store, weights_fn=lambda name, g: 1.0 / (lams[name] + (g * g).sum(1)))
+        out = {}
+        for name, gram in grams.items():
+            if lams[name] <= 0.0:
+                continue
+            eye = torch.eye(gram.shape[0], dtype=torch.float64)
+            out[name] = (eye - gram / n) / lams[name]
+        return out

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..store.features import Features
-from .base import FitContext, RowScores, cholesky_jitter, paper_damping
+from .base import FitContext, RowScores, cholesky_jitter, paper_damping, store_damping, stream_stats
 from .linalg import gram_cols, gram_rows, rows_times, sumsq
 
 
@@ -60,4 +60,18 @@ class GaussNewton:
                 L = cholesky_jitter(k, f"Woodbury kernel of layer {name!r}")
                 kernel[name] = (n * torch.cholesky_inverse(L)).float()
         return RowScores(pre, train, kernel)
+
+    def fit_stream(self, store) -> dict[str, torch.Tensor]:
+        """M_l = H̃_l⁻¹ (r_l × r_l, float64) from a FeatureStore in one streamed pass."""
+        sums, grams, n = stream_stats(store)
+        lams = store_damping(store, sums, n, self.damping_factor, self.damping)
+        out = {}
+        for name, gram in grams.items():
+            if lams[name] <= 0.0 or sums[name] == 0.0:
+                warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
+                              f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=2)
+                continue
+            h = gram / n + lams[name] * torch.eye(gram.shape[0], dtype=torch.float64)
+            out[name] = torch.cholesky_inverse(cholesky_jitter(h, f"H̃ of layer {name!r}"))
+        return out
 

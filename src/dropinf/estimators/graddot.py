@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..store.features import Features
 from .base import FitContext, SolveScores
 
@@ -17,3 +19,6 @@ class GradDot:
 
     def fit(self, train: Features, ctx: FitContext | None = None) -> SolveScores:
         return SolveScores(lambda q: q, train)
+
+    def fit_stream(self, store) -> dict:
+        return {l.name: torch.eye(l.r, dtype=torch.float64) for l in store.layers}

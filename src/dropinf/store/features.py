@@ -63,7 +63,8 @@ def check_compatible(query: Features, train: Features) -> None:
 def _diff(a, b, path):
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for k in sorted(set(a) | set(b)):
+        keys = sorted(set(a) | set(b), key=lambda k: (k not in ("kind", "model"), str(k)))
+        for k in keys:
             out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else k)
         return out
     if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):

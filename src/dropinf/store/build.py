@@ -1,0 +1,94 @@
+"""Featurize into an on-disk store: chunk by chunk, resumable, optionally over torch.distributed.
+
+Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = rows [kC, (k+1)C)),
+each through its own loader over ``Subset(dataset, rows)`` with the user's batch size and
+collate function, so a chunk's bytes do not depend on which process computed it or whether the
+run was interrupted before. Under ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on GPU)
+rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, SequentialSampler, Subset
+from tqdm.auto import tqdm
+
+from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
+from ..errors import ConfigError, EmptyDataError
+from .disk import FeatureStore, LayerCols
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def check_loader(loader) -> None:
+    ds = getattr(loader, "dataset", None)
+    if ds is None or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+        raise ConfigError("featurize(..., store=...) needs a DataLoader over a map-style dataset (len + indexing) "
+                          "so that chunks can be resumed and split across processes.")
+    if not isinstance(getattr(loader, "sampler", None), SequentialSampler) or loader.batch_size is None:
+        raise ConfigError("featurize(..., store=...) needs a deterministic order: use DataLoader(dataset, "
+                          "batch_size=B, shuffle=False) (no custom sampler / batch_sampler).")
+
+
+def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = "float32") -> FeatureStore:
+    check_loader(loader)
+    ds = loader.dataset
+    n = len(ds)
+    if n == 0:
+        raise EmptyDataError("the train loader's dataset is empty; nothing to featurize.")
+    if chunk_size < 1:
+        raise ConfigError("chunk_size must be ≥ 1")
+    rank, world = dist_info()
+    layers, off = [], 0
+    for l in attr.layers:
+        c = attr.compressors[l.name]
+        layers.append(LayerCols(l.name, c.r, off, int(getattr(c, "damping_dim", c.r))))
+        off += c.r
+    sig = attr.signature()
+    if rank == 0:
+        store = FeatureStore.create(path, sig, layers, n, chunk_size, dtype)
+    _barrier(world)
+    if rank != 0:
+        store = FeatureStore.create(path, sig, layers, n, chunk_size, dtype)
+    todo = [k for k in range(store.n_chunks) if k % world == rank and not store.chunk_done(k, verify=True)]
+    capture = BatchCapture(attr.model, attr.loss_fn, attr.layers, attr.compressors)
+    total = sum(store.rows(k)[1] - store.rows(k)[0] for k in todo)
+    desc = "featurize → store" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    with attr._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not attr.progress) as bar:
+        for k in todo:
+            start, stop = store.rows(k)
+            sub = DataLoader(Subset(ds, range(start, stop)), batch_size=loader.batch_size,
+                             collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+            block = torch.empty(stop - start, store.width)
+            pos = 0
+            for batch in sub:
+                feats, loss = capture(attr._batch_to_device(batch))
+                raise_nonfinite(*nonfinite(feats, start + pos))
+                b = loss.shape[0]
+                for l in layers:
+                    block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
+                pos += b
+                bar.update(b)
+            store.write_chunk(k, block)
+    _barrier(world)
+    if rank == 0:
+        store.finalize()
+    _barrier(world)
+    return FeatureStore.open(path)

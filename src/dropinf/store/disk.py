@@ -1,0 +1,218 @@
+"""On-disk gradient store: fixed row-chunks of compressed features as raw memmap-able shards
+plus a JSON manifest recording everything that makes features comparable.
+
+Layout of a store folder::
+
+    manifest.json          format, signature (model fingerprint, layers, compressor + seed + r),
+                           layer column offsets, dtype, n, chunk_size, and — once complete —
+                           every chunk's row range, byte size and sha256
+    chunks/000000.bin      rows [0, C) × R_total columns, row-major, in the store dtype
+    chunks/000000.json     the chunk's done-marker (written atomically after the data is synced)
+
+A chunk counts as done only when its marker exists and the file's size and checksum match it,
+so a run killed at any point (SIGKILL included) resumes without a lost or duplicated row. The
+manifest has no timestamps or host names: two runs that store the same features produce
+byte-identical folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DropinfError, FeatureMismatchError
+
+FORMAT = "dropinf-store/1"
+DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+          "bfloat16": (np.uint16, torch.bfloat16)}
+
+
+class StoreError(DropinfError, OSError):
+    """A store is missing, incomplete, truncated or corrupted; the message names the file."""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+@dataclass
+class LayerCols:
+    name: str
+    r: int
+    offset: int
+    damping_dim: int
+
+
+class FeatureStore:
+    """A store folder. Create with ``FeatureStore.create`` (or reopen it for resume with the
+    same arguments), read with ``FeatureStore.open``."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.layers = [LayerCols(**l) for l in manifest["layers"]]
+        self.n, self.chunk_size = manifest["n"], manifest["chunk_size"]
+        self.n_chunks = manifest["n_chunks"]
+        self.width = sum(l.r for l in self.layers)
+        self.np_dtype, self.torch_dtype = DTYPES[manifest["dtype"]]
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path, signature: dict, layers: list[LayerCols], n: int, chunk_size: int,
+               dtype: str = "float32") -> "FeatureStore":
+        """New store, or the existing one at ``path`` if it was started with identical settings
+        (resume). A folder holding a different store is refused, naming the field."""
+        if dtype not in DTYPES:
+            raise StoreError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if n <= 0:
+            raise StoreError("cannot create a store for an empty dataset")
+        path = Path(path)
+        manifest = {"format": FORMAT, "signature": signature, "dtype": dtype, "n": int(n),
+                    "chunk_size": int(chunk_size), "n_chunks": -(-int(n) // int(chunk_size)),
+                    "layers": [vars(l) for l in layers], "complete": False, "chunks": []}
+        mpath = path / "manifest.json"
+        if mpath.exists():
+            old = cls.open(path, require_complete=False).manifest
+            for key in ("format", "signature", "dtype", "n", "chunk_size", "layers"):
+                if old[key] != manifest[key]:
+                    from .features import _diff
+                    d = _diff(old[key], manifest[key], key) or [(key, old[key], manifest[key])]
+                    what = "; ".join(f"{p}: store={s} vs now={q}" for p, s, q in d[:3])
+                    raise FeatureMismatchError(
+                        f"{path} already holds a store built with different settings ({what}). Use another "
+                        f"folder, or delete this one to rebuild it.")
+            return cls(path, old)
+        (path / "chunks").mkdir(parents=True, exist_ok=True)
+        _atomic_write(mpath, _dump(manifest))
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path, require_complete: bool = True) -> "FeatureStore":
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.exists():
+            raise StoreError(f"no store at {path}: {mpath} does not exist. Build one with "
+                             f"attr.featurize(loader, store=PATH) or `dropinf featurize`.")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{mpath} is not valid JSON ({exc}); the store is corrupted — rebuild it.") from exc
+        if manifest.get("format") != FORMAT:
+            raise StoreError(f"{mpath} has format {manifest.get('format')!r}, expected {FORMAT!r}.")
+        store = cls(path, manifest)
+        if require_complete and not manifest.get("complete"):
+            missing = [k for k in range(store.n_chunks) if not store.chunk_done(k)]
+            raise StoreError(f"store {path} is incomplete: chunks {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                             f"of {store.n_chunks} are not done. Re-run the same featurize command to resume it.")
+        return store
+
+    # ------------------------------------------------------------------ chunks
+    def rows(self, k: int) -> tuple[int, int]:
+        return k * self.chunk_size, min((k + 1) * self.chunk_size, self.n)
+
+    def data_path(self, k: int) -> Path:
+        return self.path / "chunks" / f"{k:06d}.bin"
+
+    def marker_path(self, k: int) -> Path:
+        return self.path / "chunks" / f"{k:06d}.json"
+
+    def chunk_done(self, k: int, verify: bool = False) -> bool:
+        """Marker present and the data file's size (and, with verify, checksum) match it."""
+        mp, dp = self.marker_path(k), self.data_path(k)
+        if not mp.exists() or not dp.exists():
+            return False
+        try:
+            marker = json.loads(mp.read_text())
+        except json.JSONDecodeError:
+            return False
+        if dp.stat().st_size != marker["bytes"]:
+            return False
+        return not verify or _sha256(dp) == marker["sha256"]
+
+    def write_chunk(self, k: int, block: torch.Tensor) -> None:
+        """Write rows of chunk k (rows × width, float32 tensor) and then its done-marker."""
+        start, stop = self.rows(k)
+        if block.shape != (stop - start, self.width):
+            raise StoreError(f"chunk {k} expects shape {(stop - start, self.width)}, got {tuple(block.shape)}")
+        t = block.to(self.torch_dtype).contiguous()
+        arr = t.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else t.numpy()
+        dp = self.data_path(k)
+        tmp = dp.with_suffix(".bin.tmp")
+        with open(tmp, "wb") as f:
+            f.write(arr.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dp)
+        entry = {"id": k, "rows": [start, stop], "file": f"chunks/{dp.name}", "bytes": dp.stat().st_size,
+                 "sha256": _sha256(dp)}
+        _atomic_write(self.marker_path(k), _dump(entry))
+
+    def finalize(self) -> None:
+        """All chunks done: record them in the manifest and mark the store complete."""
+        chunks = []
+        for k in range(self.n_chunks):
+            if not self.chunk_done(k):
+                raise StoreError(f"cannot finalize {self.path}: chunk {k} is not done")
+            chunks.append(json.loads(self.marker_path(k).read_text()))
+        self.manifest["chunks"] = chunks
+        self.manifest["complete"] = True
+        _atomic_write(self.path / "manifest.json", _dump(self.manifest))
+
+    def read_chunk(self, k: int, verify: bool = True) -> dict[str, torch.Tensor]:
+        """{layer: (rows, r_l) float32} for chunk k, checking size (and checksum) first."""
+        start, stop = self.rows(k)
+        dp = self.data_path(k)
+        entry = self.manifest["chunks"][k] if self.manifest.get("chunks") else json.loads(self.marker_path(k).read_text())
+        if not dp.exists():
+            raise StoreError(f"store shard {dp} is missing; rebuild the store (or re-run featurize to resume).")
+        size = dp.stat().st_size
+        if size != entry["bytes"]:
+            raise StoreError(f"store shard {dp} is truncated or padded: {size} bytes on disk, {entry['bytes']} "
+                             f"recorded in the manifest. Delete {self.marker_path(k).name} and the shard, then "
+                             f"re-run featurize to recompute it.")
+        if verify and _sha256(dp) != entry["sha256"]:
+            raise StoreError(f"store shard {dp} is corrupted: its sha256 does not match the manifest. Delete "
+                             f"{self.marker_path(k).name} and the shard, then re-run featurize to recompute it.")
+        arr = np.memmap(dp, dtype=self.np_dtype, mode="r", shape=(stop - start, self.width))
+        t = torch.from_numpy(np.array(arr))
+        if self.torch_dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        t = t.float()
+        return {l.name: t[:, l.offset:l.offset + l.r] for l in self.layers}
+
+    def iter_chunks(self, verify: bool = True) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for k in range(self.n_chunks):
+            yield self.rows(k)[0], self.read_chunk(k, verify)
+
+    def info(self) -> dict:
+        m = self.manifest
+        done = sum(self.chunk_done(k) for k in range(self.n_chunks))
+        return {"path": str(self.path), "n": self.n, "chunks": f"{done}/{self.n_chunks} done",
+                "complete": m["complete"], "dtype": m["dtype"], "chunk_size": self.chunk_size,
+                "compressor": m["signature"].get("compressor"), "model": m["signature"].get("model"),
+                "layers": len(self.layers), "columns": self.width,
+                "bytes": sum(self.data_path(k).stat().st_size for k in range(self.n_chunks) if self.data_path(k).exists())}

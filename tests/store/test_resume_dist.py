@@ -1,0 +1,83 @@
+"""Kill-and-resume with SIGKILL, and torchrun with 2 processes (gloo, CPU), through the CLI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY = "tests.store.fixture:build"
+
+
+def files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(*args, env=None, **kw):
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dropinf", *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def featurize_args(store):
+    return ["featurize", ENTRY, "--store", str(store), "--chunk-size", "20", "--size", "12", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    store = tmp_path_factory.mktemp("ref") / "store"
+    res = run_cli(*featurize_args(store))
+    assert res.returncode == 0, res.stderr
+    return store
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, reference):
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DROPINF_FIXTURE_SLEEP": "0.15"}
+    proc = subprocess.Popen([sys.executable, "-m", "dropinf", *featurize_args(store)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = list((store / "chunks").glob("*.json")) if (store / "chunks").exists() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (store / "chunks").glob("*.json"))
+    assert 3 <= len(done_before) < 12, done_before     # killed mid-run
+    info = run_cli("info", str(store))
+    assert '"complete": false' in info.stdout
+    res = run_cli(*featurize_args(store))
+    assert res.returncode == 0, res.stderr
+    assert files(store) == files(reference)
+
+
+def test_score_and_topk_cli(tmp_path, reference):
+    out = tmp_path / "scores.npy"
+    res = run_cli("score", ENTRY, "--store", str(reference), "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    scores = np.load(out)
+    assert scores.shape == (20, 230) and np.isfinite(scores).all()
+    res = run_cli("topk", ENTRY, "--store", str(reference), "-k", "3", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    import json
+    top = json.loads(res.stdout)
+    np.testing.assert_array_equal(np.array(top["harmful_idx"]), np.argsort(-scores, 1, kind="stable")[:, :3])
+    bad = run_cli("score", ENTRY, "--store", str(tmp_path / "nothing"), "--out", str(out))
+    assert bad.returncode == 2 and "no store at" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, reference):
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dropinf", *featurize_args(store)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert files(store) == files(reference)

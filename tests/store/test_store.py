@@ -1,0 +1,147 @@
+"""On-disk store: round trip, streaming estimators, top-k, refusal of mismatches and corruption."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dropinf import Attributor, DataInf, Dropout, FeatureMismatchError, Gaussian, GaussNewton, GradDot, LoGra
+from dropinf.store.disk import FeatureStore, StoreError
+from tests.store import fixture
+
+
+def task():
+    t = fixture.build()
+    dl = lambda ds: torch.utils.data.DataLoader(ds, batch_size=t["batch_size"], shuffle=False)
+    return t, dl(t["train"]), dl(t["query"])
+
+
+@pytest.mark.parametrize("est", [GaussNewton(), DataInf(), GradDot()], ids=["gn", "datainf", "graddot"])
+def test_store_scores_equal_in_memory(tmp_path, est):
+    t, train, query = task()
+    mem = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), estimator=est, progress=False)
+    mem.featurize(train)
+    want = mem.score(query)
+    disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), estimator=est, progress=False)
+    store = disk.featurize(train, store=tmp_path / "s", chunk_size=50)
+    assert store.n == 230 and store.n_chunks == 5 and store.manifest["complete"]
+    np.testing.assert_allclose(disk.score(query), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(disk.self_influence(), mem.self_influence(), rtol=1e-4, atol=1e-6)
+    again = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=est, progress=False)
+    np.testing.assert_allclose(again.score(query), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_store_falls_back_to_memory_for_row_estimators(tmp_path):
+    from dropinf import LiSSA
+    t, train, query = task()
+    mem = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=LiSSA(), progress=False)
+    mem.featurize(train)
+    disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=LiSSA(), progress=False)
+    disk.featurize(train, store=tmp_path / "s", chunk_size=64)
+    np.testing.assert_allclose(disk.score(query), mem.score(query), rtol=1e-4, atol=1e-6)
+
+
+def test_blockwise_topk_equals_dense_topk(tmp_path):
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=24), progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=37)
+    out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float32, shape=(20, 230))
+    attr.score(query, out=out)
+    dense = np.load(tmp_path / "scores.npy")
+    top = attr.topk(query, k=7)
+    np.testing.assert_array_equal(top.harmful_idx, np.argsort(-dense, 1, kind="stable")[:, :7])
+    np.testing.assert_array_equal(top.helpful_idx, np.argsort(dense, 1, kind="stable")[:, :7])
+    np.testing.assert_allclose(top.harmful_scores, -np.sort(-dense, 1)[:, :7], rtol=1e-6)
+    # the in-memory path gives the same
+    mem = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=24), progress=False)
+    mem.featurize(train)
+    top2 = mem.topk(query, k=7, block=6)
+    np.testing.assert_array_equal(top2.harmful_idx, top.harmful_idx)
+    np.testing.assert_array_equal(top2.helpful_idx, top.helpful_idx)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stores(tmp_path, dtype):
+    t, train, query = task()
+    a32 = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
+    a32.featurize(train, store=tmp_path / "f32", chunk_size=100)
+    a16 = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
+    st = a16.featurize(train, store=tmp_path / dtype, chunk_size=100, dtype=dtype)
+    assert st.data_path(0).stat().st_size * 2 == a32.store.data_path(0).stat().st_size
+    s32, s16 = a32.score(query).ravel(), a16.score(query).ravel()
+    assert np.corrcoef(s32, s16)[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(compressor=Dropout(r=20, seed=9)), "compressor.seed"),
+    (dict(compressor=Dropout(r=21)), "compressor.r"),
+    (dict(compressor=Gaussian(r=20)), "compressor.kind"),
+    (dict(track=["0"]), "layers"),
+])
+def test_store_refuses_other_settings(tmp_path, change, field):
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    other = Attributor(t["model"], t["loss_fn"], progress=False, **{"compressor": Dropout(r=20), **change})
+    with pytest.raises(FeatureMismatchError, match=field.replace(".", r"\.")):
+        other.featurize(train, store=tmp_path / "s", chunk_size=100)     # same folder, other settings
+    with pytest.raises(FeatureMismatchError, match=field.split(".")[0]):
+        attr.score(other.compute_features(query))                     # query features from elsewhere
+
+
+def test_store_refuses_another_model(tmp_path):
+    t, train, query = task()
+    Attributor(t["model"], t["loss_fn"], progress=False).featurize(train, store=tmp_path / "s")
+    with torch.no_grad():
+        t["model"][0].bias.add_(1.0)
+    with pytest.raises(FeatureMismatchError, match="model"):
+        Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], progress=False)
+
+
+def test_truncated_and_corrupted_shards_are_named(tmp_path):
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    shard = tmp_path / "s" / "chunks" / "000001.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-4])
+    with pytest.raises(StoreError, match=r"000001\.bin is truncated"):
+        attr.score(query)
+    shard.write_bytes(data[:10] + bytes([data[10] ^ 0xFF]) + data[11:])
+    with pytest.raises(StoreError, match=r"000001\.bin is corrupted"):
+        Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], progress=False)
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        FeatureStore.open(tmp_path / "s")
+
+
+def test_incomplete_store_is_refused_and_resumed(tmp_path):
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    full = {p.name: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    # simulate a kill: chunk 2 never finished, manifest not finalized
+    (tmp_path / "s" / "chunks" / "000002.json").unlink()
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m.update(complete=False, chunks=[])
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=r"incomplete: chunks \[2\]"):
+        Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    again = {p.name: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert again == full
+
+
+def test_logra_store_and_empty_loader(tmp_path):
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=LoGra(r_in=3, r_out=2), progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    assert attr.score(query).shape == (20, 230)
+    from dropinf.errors import ConfigError, EmptyDataError
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 12), torch.zeros(0).long()))
+    with pytest.raises(EmptyDataError):
+        attr.featurize(empty, store=tmp_path / "e")
+    shuffled = torch.utils.data.DataLoader(t["train"], batch_size=8, shuffle=True)
+    with pytest.raises(ConfigError, match="deterministic order"):
+        attr.featurize(shuffled, store=tmp_path / "x")
