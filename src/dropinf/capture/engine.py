@@ -21,6 +21,7 @@ Every other tracked block goes through the torch.func fallback with the same com
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -33,7 +34,10 @@ from .modules import Use, UseSpec, prepare, prepare_delta
 
 
 def uses_checkpointing(model: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    """True if any module has HF-style ``gradient_checkpointing`` switched on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some wrappers forward this name to deprecated properties
+        return any(m.__dict__.get("gradient_checkpointing", False) is True for m in model.modules())
 
 
 class BatchCapture:
