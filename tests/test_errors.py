@@ -98,3 +98,26 @@ def test_scores_shape_and_dtype():
     attr = fitted()
     s = attr.score(loader(tiny_data(10)))
     assert s.shape == (10, 48) and s.dtype == np.float32 and np.isfinite(s).all()
+
+
+def test_loader_yielding_more_than_dataset_length_keeps_every_row():
+    """A loader whose dataset under-reports its length (e.g. a wrapper) still gives every row, in order."""
+    class Lying(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return 20
+
+    ds = tiny_data()
+    batches = [ds[i:i + 16] for i in range(0, 48, 16)]
+
+    class Loader(list):
+        dataset = Lying(ds)
+
+    attr = Attributor(tiny_mlp().double(), ce_loss, progress=False)
+    feats = attr.compute_features(Loader(batches))
+    ref = attr.compute_features(loader(ds))
+    assert feats.n == 48
+    for k in ref.data:
+        assert torch.equal(feats.data[k], ref.data[k])

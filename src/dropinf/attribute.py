@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -90,6 +91,13 @@ class Attributor:
         self.options = options or CaptureOptions()
         self.progress = progress
         self.layers = select_layers(model, track, fused=self.options.fused)
+        slow = [l.name for l in self.layers if l.kind == "func"]
+        if slow and self.options.fused:
+            modules = dict(model.named_modules())
+            kinds = sorted({type(modules[n]).__name__ for n in slow})
+            warnings.warn(f"{len(slow)} tracked module(s) of type {kinds} have no fused hook and use torch.func "
+                          f"per-example gradients (same compressor, slower): {slow[:4]}{' ...' if len(slow) > 4 else ''}",
+                          stacklevel=2)
         self.compressors = {l.name: self.compressor.build(l) for l in self.layers}
         self.train_features: Features | None = None
         self.store = None
@@ -132,7 +140,7 @@ class Attributor:
         out = ({l.name: torch.empty(total, self.compressors[l.name].r) for l in self.layers}
                if total else None)
         parts: dict[str, list[torch.Tensor]] = {l.name: [] for l in self.layers}
-        losses, n, bad_ids, bad_layers = [], 0, [], set()
+        losses, n, filled, bad_ids, bad_layers = [], 0, 0, [], set()
         with self._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not self.progress) as bar:
             for batch in loader:
                 batch = _to(batch, self.device)
@@ -141,11 +149,13 @@ class Attributor:
                 bad_ids += ids
                 bad_layers.update(lays)
                 b = loss.shape[0]
+                fits = out is not None and n + b <= total and not any(parts.values())
                 for k, v in feats.items():
-                    if out is not None and n + b <= total:
+                    if fits:
                         out[k][n:n + b] = v
                     else:
                         parts[k].append(v.cpu())
+                filled += b if fits else 0
                 losses.append(loss.cpu())
                 n += b
                 bar.update(b)
@@ -155,7 +165,7 @@ class Attributor:
         if out is not None and n == total and not any(parts.values()):
             data = out
         else:  # loader length unknown or not what the dataset claimed
-            data = {k: torch.cat(([out[k][:min(n, total)]] if out is not None else []) + v) for k, v in parts.items()}
+            data = {k: torch.cat(([out[k][:filled]] if out is not None else []) + v) for k, v in parts.items()}
         dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
               for l in self.layers}
         return Features(data, self.signature(), torch.cat(losses), dd)

@@ -90,8 +90,11 @@ def test_logra_on_conv2d_and_embedding():
 
 
 def test_unsupported_module_routes_to_func_fallback_not_missing():
+    from dropinf import Attributor
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2)).double()
+    with pytest.warns(UserWarning, match=r"\['Conv1d'\] have no fused hook"):
+        Attributor(model, ce, track="all")
     layers = select_layers(model, "all")
     assert [l.kind for l in layers] == ["func", "fused"]
     capture_check(model, (torch.randn(3, 2, 6, dtype=torch.float64), torch.tensor([0, 1, 1])), Dropout(r=9))

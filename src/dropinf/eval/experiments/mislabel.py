@@ -35,9 +35,9 @@ METHODS = ["Orig", "DataInf", "LiSSA", "Hessian-free", "Gaussian", "Dropout"]
 
 @dataclass(frozen=True)
 class MislabelSettings:
-    n_train: int = 500
+    n_train: int = 400
     n_val: int = 100
-    max_length: int = 40
+    max_length: int = 32
     epochs: int = 3
     lr: float = 2e-3
     batch_size: int = 16
