@@ -25,9 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
-from .capture.functional import batch_size
 from .capture.layers import LayerSpec, TrackSpec, select_layers
-from .compress import Dropout, Identity
+from .compress import Dropout
 from .errors import ConfigError, EmptyDataError
 from .estimators import FitContext, GaussNewton
 from .score.blockwise import TopK, stream_scores, topk_merge

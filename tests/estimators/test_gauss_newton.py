@@ -1,12 +1,11 @@
 """GaussNewton against an independent dense numpy implementation of eq. 3 with the paper's damping."""
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from dropinf import Attributor, Dropout, GaussNewton, Identity
+from dropinf import Attributor, Dropout, Identity
 from dropinf.estimators.gauss_newton import GaussNewton as GN
 from dropinf.store.features import Features
 from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp

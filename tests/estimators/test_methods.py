@@ -9,7 +9,6 @@ from torch import nn
 from dropinf import (Attributor, DataInf, Dropout, ExactHessian, Gaussian, GaussNewton, GradDot, Identity,
                      LiSSA, LoGra)
 from dropinf.errors import IncompatibleMethodError
-from dropinf.estimators.lissa import gauss_newton_op
 from dropinf.store.features import Features
 from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
 

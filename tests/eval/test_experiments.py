@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from dropinf.eval.experiments import mislabel, r_sweep, retrain_images, retrain_lm, timing
 

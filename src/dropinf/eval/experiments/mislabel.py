@@ -11,7 +11,7 @@ several runs (each run: new subset, new flips, new fine-tune, new compression se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -33,12 +33,12 @@ TRACK = [nn.Conv2d, nn.Linear]
 
 @dataclass(frozen=True)
 class RetrainImagesSettings:
-    n_train: int = 1000
+    n_train: int = 2000
     n_test: int = 256
     width: int = 8
-    epochs: int = 3
-    lr: float = 0.05
-    batch_size: int = 64
+    epochs: int = 8
+    lr: float = 0.01
+    batch_size: int = 32
     runs: int = 1
     fractions: tuple = (0.05, 0.1, 0.3, 0.5)
     r: int = 64
@@ -49,7 +49,7 @@ class RetrainImagesSettings:
 PRESETS = {
     "smoke": RetrainImagesSettings(n_train=64, n_test=32, width=4, epochs=1, fractions=(0.1, 0.5)),
     "fast": RetrainImagesSettings(),
-    "full": RetrainImagesSettings(n_train=10000, width=16, epochs=12, runs=5),
+    "full": RetrainImagesSettings(n_train=10000, width=16, epochs=12, batch_size=64, lr=0.02, runs=5),
 }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +44,7 @@ PRESETS = {"smoke": TimingSettings(n_text=24, n_images=48, n_lm=4),
 
 
 def _time_setting(name, model, loss_fn, train_dl, query_dl, track, compressors, progress, repeats):
-    rows, full = [], None
+    rows = []
     for cname, comp in compressors:
         best = None
         for _ in range(repeats):
@@ -56,8 +55,6 @@ def _time_setting(name, model, loss_fn, train_dl, query_dl, track, compressors, 
             best = secs if best is None else min(best, secs)
         q = attr.compute_features(query_dl, f"{name}: {cname} (query)")
         width = sum(v.shape[1] for v in f.data.values())
-        if cname == "Identity":
-            full = (f, q)
         est_list = [("Orig (GN)", GaussNewton()), ("DataInf", DataInf()), ("LiSSA (10 it.)", LiSSA()),
                     ("Hessian-free", GradDot())] if cname == "Identity" else [("GaussNewton", GaussNewton())]
         for ename, est in est_list:
