@@ -13,7 +13,6 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError, NoTrackableLayersError
@@ -198,11 +197,3 @@ def _check_shared(specs: list[LayerSpec], model: nn.Module) -> None:
                     f"them has no fused hook; tied weights are supported between fused modules only "
                     f"(Linear, Conv1D, Conv2d, Embedding). Track only one of them.")
             owner[pid] = s.name
-
-
-def module_map(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules())
-
-
-def param_map(model: nn.Module) -> dict[str, torch.nn.Parameter]:
-    return dict(model.named_parameters(remove_duplicate=False))

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..store.features import Features
-from .base import FitContext, RowScores, cholesky_jitter, paper_damping, store_damping, stream_stats
+from .base import FitContext, RowScores, cholesky_jitter, store_damping, stream_stats
 from .linalg import gram_cols, gram_rows, rows_times, sumsq
 
 
@@ -43,9 +43,9 @@ class GaussNewton:
         n = train.n
         for name, g in tqdm(train.data.items(), desc="precondition", disable=not getattr(ctx, "progress", False),
                             leave=False):
-            lam = (self.damping if self.damping is not None
-                   else paper_damping(g, self.damping_factor, train.damping_dim(name)))
-            if lam <= 0.0 or sumsq(g) == 0.0:
+            ss = sumsq(g)
+            lam = self.damping if self.damping is not None else self.damping_factor * ss / (n * train.damping_dim(name))
+            if lam <= 0.0 or ss == 0.0:
                 warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
                               f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=2)
                 continue
