@@ -50,7 +50,8 @@ class BatchCapture:
         self.func = [l for l in layers if l.kind == "func"]
         names = [n for l in self.func for n in l.param_names]
         self.per_example = PerExampleGrads(model, loss_fn, names) if names else None
-        self.mode = mode
+        # decided once per capture session, not per batch (it walks every module)
+        self.tensor_hooks = mode == "tensor-hooks" or (mode == "auto" and uses_checkpointing(model))
         pm = dict(model.named_parameters(remove_duplicate=False))
         self.fused_params = [pm[n] for l in self.fused for n in l.param_names]
 
@@ -65,7 +66,7 @@ class BatchCapture:
 
     def _run(self, batch) -> tuple[list[tuple[LayerSpec, UseSpec, torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Forward + backward; returns [(block, use, prepared input, output-grad)] and the losses."""
-        tensor_hooks = self.mode == "tensor-hooks" or (self.mode == "auto" and uses_checkpointing(self.model))
+        tensor_hooks = self.tensor_hooks
         records: list = []
         done: list = []
         handles = []

@@ -45,16 +45,10 @@ class GaussNewton:
                             leave=False):
             ss = sumsq(g)
             lam = self.damping if self.damping is not None else self.damping_factor * ss / (n * train.damping_dim(name))
-            if lam <= 0.0 or ss == 0.0:
-                warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
-                              f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=2)
+            if _dead(name, lam, ss):
                 continue
-            r = g.shape[1]
-            if r <= n:
-                h = gram_rows(g) / n + lam * torch.eye(r, dtype=torch.float64)
-                L = cholesky_jitter(h, f"H̃ of layer {name!r}")
-                hinv = torch.cholesky_inverse(L)
-                pre[name] = rows_times(g, hinv)
+            if g.shape[1] <= n:
+                pre[name] = rows_times(g, _damped_inverse(gram_rows(g), n, lam, name))
             else:  # Woodbury: G H̃⁻¹ = n (GGᵀ + nλI)⁻¹ G, kept as the n×n factor only
                 k = gram_cols(g) + n * lam * torch.eye(n, dtype=torch.float64)
                 L = cholesky_jitter(k, f"Woodbury kernel of layer {name!r}")
@@ -67,11 +61,22 @@ class GaussNewton:
         lams = store_damping(store, sums, n, self.damping_factor, self.damping)
         out = {}
         for name, gram in grams.items():
-            if lams[name] <= 0.0 or sums[name] == 0.0:
-                warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
-                              f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=2)
-                continue
-            h = gram / n + lams[name] * torch.eye(gram.shape[0], dtype=torch.float64)
-            out[name] = torch.cholesky_inverse(cholesky_jitter(h, f"H̃ of layer {name!r}"))
+            if not _dead(name, lams[name], sums[name]):
+                out[name] = _damped_inverse(gram, n, lams[name], name)
         return out
+
+
+def _dead(name: str, lam: float, sumsq: float) -> bool:
+    """True (with a warning) when a layer's compressed gradients are all zero on the train set."""
+    if lam <= 0.0 or sumsq == 0.0:
+        warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
+                      f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=3)
+        return True
+    return False
+
+
+def _damped_inverse(gram: torch.Tensor, n: int, lam: float, name: str) -> torch.Tensor:
+    """H̃⁻¹ = (gram/n + λI)⁻¹ in float64, by Cholesky (jitter + warning if it fails)."""
+    h = gram / n + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.cholesky_inverse(cholesky_jitter(h, f"H̃ of layer {name!r}"))
 
