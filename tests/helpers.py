@@ -44,3 +44,16 @@ def loader(ds, bs=16):
 def tiny_mlp(d_in=6, hidden=10, classes=3, seed=0, bias=True):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Linear(hidden, classes, bias=bias))
+
+
+def fit_score(estimator, train, query, fitted=None):
+    """(n_query, n_train) float64 scores through the library's one scorer."""
+    from dropinf.score import ScoreOptions, Scorer
+    fitted = fitted if fitted is not None else estimator.fit(train)
+    return Scorer(fitted, train, ScoreOptions(dtype="float64"), progress=False).dense(query)
+
+
+def fit_self(estimator, train, fitted=None):
+    from dropinf.score import ScoreOptions, Scorer
+    fitted = fitted if fitted is not None else estimator.fit(train)
+    return Scorer(fitted, train, ScoreOptions(dtype="float64"), progress=False).self_influence()

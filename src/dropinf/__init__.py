@@ -8,12 +8,13 @@ from .attribute import Attributor, CaptureOptions
 from .compress import Dropout, Gaussian, Identity, LoGra
 from .errors import (ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
                      IncompatibleMethodError, NonFiniteGradientError, NoTrackableLayersError)
-from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA
+from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
+from .score import ScoreOptions, TopK
 from .store import Features
 
 __version__ = "0.1.0"
 
-__all__ = ["Attributor", "CaptureOptions", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
+__all__ = ["Attributor", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
            "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "NonFiniteGradientError",
            "NoTrackableLayersError"]

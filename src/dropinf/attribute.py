@@ -13,7 +13,10 @@ raises q's loss (harmful), negative means it lowers it (helpful).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,9 @@ from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout
 from .errors import ConfigError, EmptyDataError
 from .estimators import FitContext, GaussNewton
-from .score.blockwise import TopK, stream_scores, topk_merge
+from .estimators.preconditioner import estimator_signature
+from .score.blockwise import TopK
+from .score.scorer import ScoreOptions, Scorer
 from .store.features import Features, check_compatible
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -76,10 +81,13 @@ class Attributor:
     compressor: Identity() (Orig), Dropout(r, seed), Gaussian(r, seed), ...
     estimator:  GaussNewton() (paper default), ExactHessian() (small models), ...
     track:      None → every nn.Linear; "all"; or module names / glob patterns / types
+    score_options: ScoreOptions(device, dtype, query_batch, train_batch) for fit and scoring
+               (default: the model's device, float32)
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, compressor=None, estimator=None,
-                 track: TrackSpec = None, options: CaptureOptions | None = None, progress: bool = True):
+                 track: TrackSpec = None, options: CaptureOptions | None = None, progress: bool = True,
+                 score_options: ScoreOptions | None = None):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -98,10 +106,11 @@ class Attributor:
                           f"per-example gradients (same compressor, slower): {slow[:4]}{' ...' if len(slow) > 4 else ''}",
                           stacklevel=2)
         self.compressors = {l.name: self.compressor.build(l) for l in self.layers}
+        self.score_options = score_options or ScoreOptions()
         self.train_features: Features | None = None
         self.store = None
-        self._fitted = None
-        self._matrices: dict = {}
+        self.preconditioner = None     # the fitted estimator (estimators.Preconditioner)
+        self.fit_status = None         # "fitted", or "loaded PATH" when reused from a store
         self._train_loader = None
 
     # ------------------------------------------------------------------ features
@@ -171,30 +180,64 @@ class Attributor:
 
     def featurize(self, train_loader: Iterable, store: str | Path | None = None, chunk_size: int = 4096,
                   dtype: str = "float32"):
-        """Capture train features and fit the estimator (H̃ and its solve).
+        """Capture train features and fit the estimator (its preconditioner M).
 
         store=None: features in memory; returns them (Features).
         store=PATH: stream them to an on-disk FeatureStore in chunks of ``chunk_size`` rows
         (dtype "float32", "float16" or "bfloat16"), resuming a previous interrupted run into the
-        same folder, split across processes under torchrun; returns the FeatureStore.
+        same folder, split across processes under torchrun; the fitted preconditioner is saved in
+        the store; returns the FeatureStore.
         """
         self._train_loader = train_loader
         if store is not None:
             from .store.build import featurize_to_store
             self.store = featurize_to_store(self, train_loader, store, chunk_size, dtype)
+            self.train_features = None
             self.fit()
             return self.store
         self.store = None
-        self.train_features = self.compute_features(train_loader, desc="featurize train")
-        self.fit()
+        self.use_features(self.compute_features(train_loader, desc="featurize train"))
         return self.train_features
+
+    # ------------------------------------------------------------------ features computed elsewhere
+    def derive_features(self, full: Features) -> Features:
+        """This attributor's compressed features from full (``Identity()``) features of the same
+        model and tracked layers — the numbers a fused capture with this compressor would give.
+        Capture once with Identity, then derive Dropout/Gaussian/LoGra features of any seed."""
+        if full.signature.get("compressor", {}).get("kind") != "identity":
+            raise ConfigError("derive_features needs features captured with compressor=Identity(); got "
+                              f"{full.signature.get('compressor')}")
+        base = {k: v for k, v in self.signature().items() if k != "compressor"}
+        check_compatible(Features({}, {k: v for k, v in full.signature.items() if k in base}), Features({}, base))
+        data, dims = {}, {}
+        for l in self.layers:
+            c = self.compressors[l.name]
+            data[l.name] = c.from_flat(full.data[l.name]).float()
+            dims[l.name] = int(getattr(c, "damping_dim", c.r))
+        return Features(data, self.signature(), full.losses, dims)
+
+    def use_features(self, train: Features, train_loader: Iterable | None = None) -> "Attributor":
+        """Adopt precomputed train features (from ``compute_features`` or ``derive_features``) and
+        fit the estimator on them. ``train_loader`` is needed only by ExactHessian and
+        LiSSA(hvp="model"), which re-run the model."""
+        check_compatible(train, Features({}, self.signature()))
+        if train.n == 0:
+            raise EmptyDataError("the train features hold no rows")
+        self.train_features, self.store = train, None
+        if train_loader is not None:
+            self._train_loader = train_loader
+        self.fit()
+        return self
 
     @classmethod
     def from_store(cls, path: str | Path, model: nn.Module, loss_fn: LossFn, estimator=None,
-                   options: CaptureOptions | None = None, progress: bool = True) -> "Attributor":
+                   options: CaptureOptions | None = None, progress: bool = True, train_loader=None,
+                   score_options: ScoreOptions | None = None) -> "Attributor":
         """Reopen a complete store built earlier (by featurize(..., store=PATH) or `dropinf
         featurize`) with the same model; the compressor, seed, r and layers come from its
-        manifest, and a model that differs from the one that built the store is refused."""
+        manifest, and a model that differs from the one that built the store is refused. The
+        preconditioner saved for this estimator (same options) is loaded instead of refitted.
+        ``train_loader``: needed only by ExactHessian / LiSSA(hvp="model") when they must refit."""
         from .compress import from_signature
         from .store.disk import FeatureStore
 
@@ -203,98 +246,140 @@ class Attributor:
         fused = any(l["kind"] == "fused" for l in sig["layers"])
         opts = options or CaptureOptions(fused=fused)
         attr = cls(model, loss_fn, compressor=from_signature(sig["compressor"]), estimator=estimator,
-                   track=[l["name"] for l in sig["layers"]], options=opts, progress=progress)
+                   track=[l["name"] for l in sig["layers"]], options=opts, progress=progress,
+                   score_options=score_options)
         check_compatible(Features({}, attr.signature()), Features({}, sig))
         attr.store = st
+        attr._train_loader = train_loader
         attr.fit()
         return attr
 
-    def fit(self):
+    # ------------------------------------------------------------------ precondition
+    @property
+    def train_source(self):
+        """The train rows (RowSource): the store if there is one, else the in-memory Features."""
         if self.store is not None:
-            if hasattr(self.estimator, "fit_stream") and all(l.r <= self.store.n for l in self.store.layers):
-                self._matrices = self.estimator.fit_stream(self.store)
-                self._fitted = "stream"
-                return self._fitted
-            # estimators that need every row at once (LiSSA, ExactHessian, Woodbury): load them
-            self.train_features = self.store_features()
+            return self.store
         if self.train_features is None:
-            raise ConfigError("call featurize(train_loader) before fit/score")
+            raise ConfigError("call featurize(train_loader) (or use_features / from_store) first")
+        return self.train_features
+
+    def _part(self) -> tuple[int, int]:
+        from .dist import dist_info
+        return dist_info()
+
+    def fit(self, train_loader: Iterable | None = None):
+        """Fit the estimator's preconditioner on the train rows (streamed; on ``score_options.device``
+        or the model's device; split across torchrun ranks). With a store, a preconditioner saved
+        there for the same estimator options is loaded instead, and a new fit is saved."""
+        if train_loader is not None:
+            self._train_loader = train_loader
+        source = self.train_source
+        saved = self._saved_path() if self.store is not None else None
+        if saved is not None and saved.exists():
+            from .estimators.preconditioner import Preconditioner
+            try:
+                pre = Preconditioner.load(saved)
+            except Exception as exc:  # a damaged file: refit and overwrite it
+                self._say(f"dropinf: the saved preconditioner {saved} cannot be read ({exc}); refitting.")
+            else:
+                if pre.estimator == estimator_signature(self.estimator) and pre.n == source.n:
+                    self.preconditioner, self.fit_status = pre, f"loaded {saved}"
+                    return pre
+        if self.store is not None:
+            self._say(f"dropinf: fitting {type(self.estimator).__name__} on {source.n} stored rows "
+                      f"(no saved preconditioner with these options in {self.store.path})")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
-                         self._train_loader, self.progress)
+                         self._train_loader, self.progress, self.score_device, self._part(),
+                         self._batch_to_device)
         with self._mode():
-            self._fitted = self.estimator.fit(self.train_features, ctx)
-        return self._fitted
+            pre = self.estimator.fit(source, ctx)
+        self.preconditioner, self.fit_status = pre, "fitted"
+        if saved is not None and ctx.part[0] == 0:
+            pre.save(saved)
+        return pre
+
+    def _saved_path(self) -> Path:
+        sig = estimator_signature(self.estimator)
+        h = hashlib.sha1(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
+        return self.store.precond_dir / f"{sig.get('name', sig['class'])}-{h}.npz"
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    @property
+    def score_device(self) -> torch.device:
+        return torch.device(self.score_options.device) if self.score_options.device else self.device
+
+    def _scorer(self, options: ScoreOptions | None) -> Scorer:
+        if self.preconditioner is None:
+            raise ConfigError("call featurize(train_loader) before scoring")
+        opts = options or self.score_options
+        if opts.device is None:
+            opts = dataclasses.replace(opts, device=str(self.score_device))
+        return Scorer(self.preconditioner, self.train_source, opts, self.progress, self._part())
 
     # ------------------------------------------------------------------ scores
-    def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None) -> np.ndarray:
+    def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None,
+              per_layer: bool = False, options: ScoreOptions | None = None):
         """Influence scores, numpy float32 of shape (n_query, n_train) — or (1, n_train) with
         reduce="mean" (the query is the mean query gradient, paper eq. 1).
 
-        query: a DataLoader (or any iterable of batches) or a Features object.
-        out:   optional (n_query, n_train) float32 array to fill, e.g. a memmap from
-               np.lib.format.open_memmap(path, "w+", np.float32, shape) for matrices larger than RAM.
+        query:     a DataLoader (or any iterable of batches), a Features object, or a FeatureStore
+                   of query features (for more queries than fit in memory).
+        out:       optional (n_query, n_train) float32 array to fill, e.g. a memmap from
+                   np.lib.format.open_memmap(path, "w+", np.float32, shape) for matrices larger than RAM.
+        per_layer: return {layer: (n_query, n_train)} whose sum over layers is the score matrix
+                   (which layers drive an attribution).
+        options:   ScoreOptions (device, dtype, query/train batch sizes) for this call.
         scores[q, i] > 0: train example i is harmful to query q (up-weighting it raises q's loss).
         """
-        if self._fitted is None:
+        if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before score(query)")
-        feats = self._query(query, reduce)
-        if self._fitted == "stream":
-            return stream_scores(self.store, self._precondition(feats), out=out, progress=self.progress)
-        s = self._fitted.score(feats).cpu().numpy().astype(np.float32)
-        if out is not None:
-            out[:] = s
-            return out
-        return s
+        return self._scorer(options).dense(self._query(query, reduce), out=out, per_layer=per_layer)
 
-    def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none", block: int = 256) -> TopK:
+    def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none",
+             options: ScoreOptions | None = None) -> TopK:
         """The k most helpful (most negative I) and most harmful (most positive I) train examples
-        per query, without holding the (n_query, n_train) matrix: streamed over stored chunks,
-        or over blocks of ``block`` queries in memory."""
-        if self._fitted is None:
+        per query, without holding the (n_query, n_train) matrix."""
+        if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before topk(query)")
         if k < 1:
             raise ConfigError("k must be ≥ 1")
-        feats = self._query(query, reduce)
-        if self._fitted == "stream":
-            return stream_scores(self.store, self._precondition(feats), k=k, progress=self.progress)
-        parts = []
-        for s in range(0, feats.n, block):
-            scores = self._fitted.score(feats.rows(s, s + block))
-            parts.append(topk_merge([(0, scores)], scores.shape[0], k))
-        return TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                      ("helpful_idx", "helpful_scores", "harmful_idx", "harmful_scores")))
+        return self._scorer(options).topk(self._query(query, reduce), k)
 
-    def _query(self, query, reduce) -> Features:
-        feats = query if isinstance(query, Features) else self.compute_features(query, desc="featurize query")
+    def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
+        """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)
+        marks unusual (often mislabeled) examples. O(n·R²) for every estimator."""
+        if self.preconditioner is None:
+            raise ConfigError("call featurize(train_loader) before self_influence()")
+        return self._scorer(options).self_influence()
+
+    def _query(self, query, reduce):
+        from .store.disk import FeatureStore
+        if isinstance(query, FeatureStore):
+            feats = query
+        elif isinstance(query, Features):
+            feats = query
+        else:
+            feats = self.compute_features(query, desc="featurize query")
         ref = self.store.manifest["signature"] if self.store is not None else self.train_features.signature
-        check_compatible(feats, Features({}, ref))
+        check_compatible(Features({}, feats.signature), Features({}, ref))
         if reduce == "mean":
-            return feats.mean()
+            return _mean_rows(feats)
         if reduce != "none":
             raise ConfigError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         return feats
 
-    def _precondition(self, feats: Features) -> dict[str, torch.Tensor]:
-        return {name: feats.data[name].double() @ m for name, m in self._matrices.items()}
 
-    def store_features(self) -> Features:
-        """All stored train features in memory (for estimators that need every row at once)."""
-        parts: dict[str, list] = {l.name: [] for l in self.store.layers}
-        for _, chunk in self.store.iter_chunks():
-            for k, v in chunk.items():
-                parts[k].append(v)
-        return Features({k: torch.cat(v) for k, v in parts.items()}, self.store.manifest["signature"],
-                        damping_dims={l.name: l.damping_dim for l in self.store.layers})
-
-    def self_influence(self) -> np.ndarray:
-        """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD H̃; large −I(i,i)
-        marks unusual (often mislabeled) examples."""
-        if self._fitted is None:
-            raise ConfigError("call featurize(train_loader) before self_influence()")
-        if self._fitted == "stream":
-            out = []
-            for _, chunk in self.store.iter_chunks():
-                s = sum((chunk[k].double() @ m * chunk[k].double()).sum(1) for k, m in self._matrices.items())
-                out.append(-np.asarray(s, dtype=np.float32))
-            return np.concatenate(out)
-        return self._fitted.self_scores().cpu().numpy().astype(np.float32)
+def _mean_rows(src) -> Features:
+    """One pseudo-example whose features are the mean over the rows of a RowSource (eq. 1's query)."""
+    if isinstance(src, Features):
+        return src.mean()
+    sums = {l: torch.zeros(1, src.layer_r(l), dtype=torch.float64) for l in src.layer_names()}
+    for _, chunk in src.iter_chunks():
+        for l, v in chunk.items():
+            sums[l] += v.double().sum(0, keepdim=True)
+    return Features({l: (v / src.n).float() for l, v in sums.items()}, src.signature,
+                    damping_dims={l: src.damping_dim(l) for l in src.layer_names()})

@@ -133,7 +133,7 @@ def _run(args) -> int:
         attr = Attributor(task.model, task.loss_fn, compressor=_compressor(args), track=track,
                           progress=not args.no_progress)
         store = attr.featurize(task.loader("train"), store=args.store, chunk_size=args.chunk_size, dtype=args.dtype)
-        from .store.build import dist_info
+        from .dist import dist_info
         if dist_info()[0] == 0:
             print(json.dumps(store.info(), indent=1))
         return 0

@@ -8,7 +8,7 @@ import torch
 from dropinf import Attributor, Dropout, Identity
 from dropinf.estimators.gauss_newton import GaussNewton as GN
 from dropinf.store.features import Features
-from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
+from tests.helpers import ce_loss, fit_score, fit_self, loader, tiny_data, tiny_mlp
 
 
 def dense_reference(train: dict, query: dict) -> np.ndarray:
@@ -27,12 +27,13 @@ def test_gauss_newton_matches_dense_formula(r):
     gen = torch.Generator().manual_seed(r)
     train = {"a": torch.randn(60, min(r, 200), generator=gen), "b": torch.randn(60, r, generator=gen) * 3}
     query = {k: torch.randn(9, v.shape[1], generator=gen) for k, v in train.items()}
-    fitted = GN().fit(Features(train, {}), None)
-    got = fitted.score(Features(query, {})).numpy()
+    tr = Features(train, {})
+    fitted = GN().fit(tr, None)
+    got = fit_score(None, tr, Features(query, {}), fitted)
     want = dense_reference(train, query)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     self_want = np.diag(dense_reference(train, train))
-    np.testing.assert_allclose(fitted.self_scores().numpy(), self_want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fit_self(None, tr, fitted), self_want, rtol=1e-4, atol=1e-6)
 
 
 def test_dead_layer_is_dropped_with_warning_not_nan():
@@ -41,7 +42,7 @@ def test_dead_layer_is_dropped_with_warning_not_nan():
     query = {"dead": torch.randn(3, 5, generator=gen), "live": torch.randn(3, 5, generator=gen)}
     with pytest.warns(UserWarning, match="'dead'.*dropped"):
         fitted = GN().fit(Features(train, {}), None)
-    got = fitted.score(Features(query, {})).numpy()
+    got = fit_score(None, Features(train, {}), Features(query, {}), fitted)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, dense_reference({"live": train["live"]}, {"live": query["live"]}), rtol=1e-4)
 
@@ -65,8 +66,10 @@ def test_dead_coordinates_on_digits_border_pixels_give_finite_scores():
         pytest.skip("no dead coordinate sampled")  # pragma: no cover
     with pytest.warns(UserWarning, match="dropped"):
         attr.featurize(loader(ds, 64))
-    s = attr.score(loader(ds, 64))
-    assert s.shape == (200, 200) and np.isfinite(s).all() and (s == 0).all()
+    # the only layer is dead: scoring refuses instead of returning a matrix of zeros
+    from dropinf.errors import ConfigError
+    with pytest.raises(ConfigError, match="every tracked layer was dropped"):
+        attr.score(loader(ds, 64))
 
 
 def test_end_to_end_scores_equal_dense_formula_on_captured_features():

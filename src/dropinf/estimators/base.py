@@ -1,58 +1,58 @@
-"""The Estimator seam: train features in, a fitted preconditioner out, scores for any query.
+"""The Estimator seam: train rows in, one fitted Preconditioner out (see preconditioner.py).
 
 Score convention (paper eq. 1/3), for every estimator:
 
-    I(q, i) = − g̃_qᵀ H̃⁻¹ g̃_i        array shape (n_query, n_train)
+    I(q, i) = − g̃_qᵀ M g̃_i        array shape (n_query, n_train)
 
 I > 0: up-weighting training example i *raises* query q's loss (i is harmful to q);
-I < 0: i helps q. Estimators differ only in what stands for H̃⁻¹.
+I < 0: i helps q. Estimators differ only in what stands for M ≈ H̃⁻¹.
+
+Every estimator fits from a RowSource (in-memory Features or an on-disk FeatureStore) by
+streaming its rows (estimators.stats), on the device and process split given by FitContext.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..capture.layers import LayerSpec
-from ..errors import IncompatibleMethodError
-from ..store.features import Features
-from .linalg import gram_cols, sumsq, times_gt
+from ..errors import ConfigError, IncompatibleMethodError
+from .preconditioner import Preconditioner
 
 
 @dataclass
 class FitContext:
-    """What an estimator may need besides the train features (ExactHessian and model-HVP LiSSA
-    re-run the model)."""
+    """What an estimator may need besides the train rows.
 
-    model: nn.Module
-    loss_fn: Callable
-    layers: list[LayerSpec]
-    compressors: dict
-    compressor: Any
+    device:  where statistics and factorisations run (default CPU)
+    part:    (rank, world) under torchrun: this process reads chunks k ≡ rank (mod world)
+    model, loss_fn, layers, compressors, compressor, train_loader: for the estimators that re-run
+             the model (ExactHessian, LiSSA(hvp="model")); to_device moves a batch to the model."""
+
+    model: Optional[nn.Module] = None
+    loss_fn: Optional[Callable] = None
+    layers: list[LayerSpec] = field(default_factory=list)
+    compressors: dict = field(default_factory=dict)
+    compressor: Any = None
     train_loader: Optional[Any] = None
-    progress: bool = True
-
-
-@runtime_checkable
-class Fitted(Protocol):
-    def score(self, query: Features) -> torch.Tensor:
-        """(n_query, n_train) float32 scores with the sign convention above."""
-        ...
-
-    def self_scores(self) -> torch.Tensor:
-        """(n_train,) I(i, i)."""
-        ...
+    progress: bool = False
+    device: Any = "cpu"
+    part: tuple[int, int] = (0, 1)
+    to_device: Callable = lambda b: b
 
 
 @runtime_checkable
 class Estimator(Protocol):
     name: str
 
-    def fit(self, train: Features, ctx: FitContext) -> Fitted: ...
+    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
+        """Fit on a RowSource; return the preconditioner M (one representation for all)."""
+        ...
 
 
 def require_kind(estimator: str, compressor: Any, allowed: set[str]) -> None:
@@ -80,90 +80,33 @@ def cholesky_jitter(h: torch.Tensor, what: str) -> torch.Tensor:
                                    f"non-finite entries or damping is far too small.")
 
 
-def paper_damping(g: torch.Tensor, factor: float = 0.1, denom: int | None = None) -> float:
-    """λ_l = factor · Σ_i ‖g̃_il‖² / (n · D_l) (paper App. D.1). D_l defaults to r_l, giving the
-    mean squared compressed entry; see Features.damping_dims for projections."""
-    if not g.numel():
-        return 0.0
-    return factor * sumsq(g) / (g.shape[0] * (denom if denom else g.shape[1]))
+def spd_inverse(h: torch.Tensor, what: str) -> torch.Tensor:
+    return torch.cholesky_inverse(cholesky_jitter(h, what))
 
 
-class RowScores:
-    """Fitted estimator whose scores are −Σ_l Q_l T_lᵀ for preconditioned train features T_l,
-    or, for kernel blocks (Woodbury, r_l > n), −Σ_l (Q_l G_lᵀ) M_l with an n×n matrix M_l (so
-    the n×r_l preconditioned copy of G_l is never stored)."""
-
-    def __init__(self, pre: dict[str, torch.Tensor], train: Features,
-                 kernel: dict[str, torch.Tensor] | None = None):
-        self.pre = pre  # layer -> (n, r_l) float32
-        self.kernel = kernel or {}  # layer -> (n, n) float32, symmetric
-        self.train = train
-
-    def score(self, query: Features) -> torch.Tensor:
-        out = torch.zeros(query.n, self.train.n)
-        for name, t in self.pre.items():
-            out += query.data[name].to(t.dtype) @ t.T
-        for name, m in self.kernel.items():
-            out += (query.data[name] @ self.train.data[name].T) @ m
-        return -out
-
-    def self_scores(self) -> torch.Tensor:
-        out = torch.zeros(self.train.n, dtype=torch.float64)
-        for name, t in self.pre.items():
-            for s in range(0, self.train.n, 4096):
-                out[s:s + 4096] += (self.train.data[name][s:s + 4096].double() * t[s:s + 4096].double()).sum(1)
-        for name, m in self.kernel.items():
-            out += (gram_cols(self.train.data[name]) * m.double()).sum(1)
-        return (-out).float()
+def layer_damping(sumsq: float, n: int, damping_dim: int, factor: float, fixed: float | None) -> float:
+    """λ_l: ``fixed`` if given (0 = undamped), else factor · Σ_i ‖g̃_il‖² / (n · D_l) (paper App. D.1;
+    D_l = r_l for coordinate sampling, d_l for norm-preserving projections)."""
+    if fixed is not None:
+        if fixed < 0:
+            raise ConfigError(f"damping must be ≥ 0, got {fixed}")
+        return float(fixed)
+    return factor * sumsq / (n * damping_dim)
 
 
-class SolveScores:
-    """Fitted estimator defined by an approximate iHVP on query rows: S = solve(Q) (per layer),
-    scores = −Σ_l S_l G_lᵀ. Used by LiSSA, DataInf and GradDot."""
-
-    def __init__(self, solve: Callable[[dict], dict], train: Features, chunk: int = 1024):
-        self.solve, self.train, self.chunk = solve, train, chunk
-
-    def score(self, query: Features) -> torch.Tensor:
-        s = self.solve({k: v.double() for k, v in query.data.items()})
-        out = torch.zeros(query.n, self.train.n, dtype=torch.float64)
-        for name, sl in s.items():
-            out += times_gt(sl, self.train.data[name])
-        return (-out).float()
-
-    def self_scores(self) -> torch.Tensor:
-        parts = []
-        for start in range(0, self.train.n, self.chunk):
-            rows = {k: v[start:start + self.chunk].double() for k, v in self.train.data.items()}
-            s = self.solve(rows)
-            parts.append(-sum((s[k] * rows[k]).sum(1) for k in s))
-        return torch.cat(parts).float()
+def dead_layer(name: str, sumsq: float) -> bool:
+    """True (with a warning) when a layer's compressed gradients are all zero on the train set."""
+    if sumsq == 0.0:
+        warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set; it "
+                      f"contributes nothing and is dropped from the scores.", stacklevel=4)
+        return True
+    return False
 
 
-def layer_dampings(train: Features, factor: float, fixed: float | None = None) -> dict[str, float]:
-    """λ_l per layer: fixed if given, else factor · mean squared entry (paper App. D.1)."""
-    return {k: (fixed if fixed is not None else paper_damping(v, factor, train.damping_dim(k)))
-            for k, v in train.data.items()}
+def kernel_layers(train, enabled: bool = True) -> list[str]:
+    """Layers with r_l > n: fitted in the n-dimensional kernel (Woodbury) form."""
+    return [l for l in train.layer_names() if enabled and train.layer_r(l) > train.n]
 
 
-def stream_stats(store, weights_fn=None, gram: bool = True, progress: bool = False) -> tuple[dict, dict, int]:
-    """One pass over a FeatureStore: per layer Σ‖g‖² and (if gram) Gᵀ diag(w) G with
-    w = weights_fn(layer, chunk) or 1, in float64. Returns (sumsq, gram, n). Memory: one chunk."""
-    from tqdm.auto import tqdm
-
-    sums, grams, n = {}, {}, 0
-    for _, chunk in tqdm(store.iter_chunks(), total=store.n_chunks, desc="precondition", leave=False,
-                         disable=not progress):
-        for name, g in chunk.items():
-            g64 = g.double()
-            sums[name] = sums.get(name, 0.0) + float((g64 * g64).sum())
-            if gram:
-                gw = g64 if weights_fn is None else g64 * weights_fn(name, g64)[:, None]
-                grams[name] = grams.get(name, 0) + gw.T @ g64
-        n += next(iter(chunk.values())).shape[0]
-    return sums, grams, n
-
-
-def store_damping(store, sums: dict, n: int, factor: float, fixed: float | None) -> dict:
-    dd = {l.name: l.damping_dim for l in store.layers}
-    return {k: (fixed if fixed is not None else factor * s / (n * dd[k])) for k, s in sums.items()}
+def ctx_or_default(ctx: FitContext | None) -> FitContext:
+    return ctx if ctx is not None else FitContext()

@@ -3,7 +3,9 @@
 H = (1/n) Σ_i ∇²_θ ℓ_i over the full vector of tracked parameters (all layers together, cross-
 layer blocks included), computed by autograd (torch.func.hessian). In the compressed space of a
 Dropout compressor the paper's eq. 3 uses H̃ = Ĩ H Ĩᵀ, i.e. the sub-matrix at the kept indices;
-with Identity it is H itself. Then I(q, i) = − g̃_qᵀ (H̃ + λI)⁻¹ g̃_i.
+with Identity it is H itself. Then I(q, i) = − g̃_qᵀ (H̃ + λI)⁻¹ g̃_i: one joint dense block
+M = (H̃ + λI)⁻¹ over all tracked layers (the only estimator besides LiSSA(hvp="model") whose M
+couples layers). The train rows are not read: H comes from the model and the train loader.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from tqdm.auto import tqdm
 
 from ..capture.functional import _LossModule, batch_size
 from ..errors import ConfigError, EmptyDataError
-from ..store.features import Features
 from .base import FitContext, require_kind
+from .lissa import kept_coordinates
+from .preconditioner import Block, Preconditioner, estimator_signature
 
 
 def full_hessian(ctx: FitContext, names: list[str]) -> tuple[torch.Tensor, int]:
@@ -37,26 +40,13 @@ def full_hessian(ctx: FitContext, names: list[str]) -> tuple[torch.Tensor, int]:
 
     h, n = None, 0
     for batch in tqdm(ctx.train_loader, desc="exact hessian", disable=not ctx.progress, leave=False):
+        batch = ctx.to_device(batch)
         hb = hessian(f)(flat0, batch).double()
         h = hb if h is None else h + hb
         n += batch_size(batch)
     if h is None:
         raise EmptyDataError("the train loader yielded no batches; cannot build the Hessian")
     return h, n
-
-
-class _ConcatScores:
-    def __init__(self, layers: list[str], pre: torch.Tensor, train: Features):
-        self.layers, self.pre, self.train = layers, pre, train
-
-    def _cat(self, f: Features) -> torch.Tensor:
-        return torch.cat([f.data[l].double() for l in self.layers], 1)
-
-    def score(self, query: Features) -> torch.Tensor:
-        return -(self._cat(query) @ self.pre.T).float()
-
-    def self_scores(self) -> torch.Tensor:
-        return -(self._cat(self.train) * self.pre).sum(1).float()
 
 
 @dataclass(frozen=True)
@@ -71,34 +61,31 @@ class ExactHessian:
     max_dim: int = 20_000
     name: str = "exact-hessian"
 
-    def fit(self, train: Features, ctx: FitContext) -> _ConcatScores:
+    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
+        if ctx is None or ctx.model is None or ctx.train_loader is None:
+            raise ConfigError("ExactHessian needs the model and the train loader: call Attributor.featurize(loader), "
+                              "or Attributor.from_store(..., train_loader=loader).")
         require_kind("ExactHessian", ctx.compressor, {"identity", "dropout"})
-        if ctx.train_loader is None:
-            raise ConfigError("ExactHessian needs the train loader; call Attributor.featurize(loader).")
         names = [pn for l in ctx.layers for pn in l.param_names]
         d = sum(l.dim for l in ctx.layers)
         if d > self.max_dim:
             raise ConfigError(f"ExactHessian on {d} tracked parameters would build a {d}×{d} matrix; "
                               f"it is meant for small models (max_dim={self.max_dim}). Use GaussNewton.")
+        if self.damping < 0:
+            raise ConfigError(f"damping must be ≥ 0, got {self.damping}")
         h, n = full_hessian(ctx, names)
-        h = h / n
-        idx, fac, off = [], [], 0
-        for l in ctx.layers:
-            comp = ctx.compressors[l.name]
-            li = getattr(comp, "indices", torch.arange(l.dim))
-            idx.append(li + off)
-            fac.append(torch.full((li.numel(),), float(getattr(comp, "factor", 1.0)), dtype=torch.float64))
-            off += l.dim
-        idx_t, fac_t = torch.cat(idx), torch.cat(fac)
+        h = h.cpu() / n
+        idx_t, fac_t, _ = kept_coordinates(ctx)
         hs = h[idx_t][:, idx_t] * fac_t[:, None] * fac_t[None, :]
         hs = hs + self.damping * torch.eye(hs.shape[0], dtype=torch.float64)
-        g = torch.cat([train.data[l.name].double() for l in ctx.layers], 1)
         L, info = torch.linalg.cholesky_ex(hs)
         if int(info) == 0:
-            pre = torch.cholesky_solve(g.T, L).T
+            m = torch.cholesky_inverse(L)
         else:
             warnings.warn("the exact Hessian (+ damping) is not positive definite: the loss is not "
                           "convex at these parameters (or the model is under-trained). Solving with "
                           "LU anyway; influence-function assumptions do not hold here.", stacklevel=2)
-            pre = torch.linalg.solve(hs, g.T).T
-        return _ConcatScores([l.name for l in ctx.layers], pre, train)
+            m = torch.linalg.inv(hs)
+        layers = tuple(l.name for l in ctx.layers)
+        return Preconditioner(estimator_signature(self), train.n,
+                              [Block(layers, m, damping={l: self.damping for l in layers})])

@@ -3,80 +3,64 @@
 For each tracked layer l with train features G_l ∈ R^{n×r_l}:
 
     H̃_l = (1/n) G_lᵀ G_l + λ_l I,   λ_l = damping_factor · Σ_i ‖g̃_il‖² / (n·D_l)  (paper App. D.1)
+    I(q, i) = − Σ_l g̃_qlᵀ H̃_l⁻¹ g̃_il
 
 D_l = r_l for Identity/Dropout (λ_l is 0.1 × the mean squared compressed entry) and D_l = d_l
 for the norm-preserving projections Gaussian/LoGra (so λ_l estimates the paper's rule on full
 gradients; with the plain mean over r_l entries, Gaussian with r ≫ d would be damped d/r times
 less than Orig and would not approach it).
-    I(q, i) = − Σ_l g̃_qlᵀ H̃_l⁻¹ g̃_il
 
-Solved by Cholesky in r_l dims when r_l ≤ n, and otherwise in n dims by the Woodbury identity:
-G (GᵀG/n + λI)⁻¹ = n (GGᵀ + nλI)⁻¹ G. A layer whose sampled coordinates are all zero for
-every train example (λ_l = 0; e.g. border pixels of sklearn digits) contributes exactly zero and
-is dropped with a warning rather than producing NaN.
+M_l = H̃_l⁻¹ by Cholesky in r_l dims when r_l ≤ n, and otherwise in the kernel form given by the
+Woodbury identity: H̃⁻¹ = (1/λ)(I − Gᵀ (GGᵀ + nλI)⁻¹ G). A layer whose sampled coordinates are
+all zero for every train example (e.g. border pixels of sklearn digits) contributes exactly zero
+and is dropped with a warning rather than producing NaN. ``damping=0`` means undamped (a singular
+H̃ then gets jitter and a warning; with r_l > n it is refused).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from ..store.features import Features
-from .base import FitContext, RowScores, cholesky_jitter, store_damping, stream_stats
-from .linalg import gram_cols, gram_rows, rows_times, sumsq
+from ..errors import ConfigError
+from .base import (FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, spd_inverse)
+from .preconditioner import Block, Preconditioner, estimator_signature
+from .stats import gram_pass
 
 
 @dataclass(frozen=True)
 class GaussNewton:
     """damping_factor: λ_l = damping_factor · mean squared compressed entry of layer l.
-    damping: if set, a fixed λ for every layer instead of the rule."""
+    damping: if set, a fixed λ for every layer instead of the rule (0 = undamped)."""
 
     damping_factor: float = 0.1
     damping: float | None = None
     name: str = "gauss-newton"
 
-    def fit(self, train: Features, ctx: FitContext | None = None) -> RowScores:
-        pre, kernel = {}, {}
+    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
+        ctx = ctx_or_default(ctx)
         n = train.n
-        for name, g in tqdm(train.data.items(), desc="precondition", disable=not getattr(ctx, "progress", False),
-                            leave=False):
-            ss = sumsq(g)
-            lam = self.damping if self.damping is not None else self.damping_factor * ss / (n * train.damping_dim(name))
-            if _dead(name, lam, ss):
+        kern = kernel_layers(train)
+        st = gram_pass(train, device=ctx.device, part=ctx.part, kernel_layers=kern, progress=ctx.progress)
+        blocks, dropped = [], []
+        for name in train.layer_names():
+            if dead_layer(name, st.sumsq[name]):
+                dropped.append(name)
                 continue
-            if g.shape[1] <= n:
-                pre[name] = rows_times(g, _damped_inverse(gram_rows(g), n, lam, name))
-            else:  # Woodbury: G H̃⁻¹ = n (GGᵀ + nλI)⁻¹ G, kept as the n×n factor only
-                k = gram_cols(g) + n * lam * torch.eye(n, dtype=torch.float64)
-                L = cholesky_jitter(k, f"Woodbury kernel of layer {name!r}")
-                kernel[name] = (n * torch.cholesky_inverse(L)).float()
-        return RowScores(pre, train, kernel)
-
-    def fit_stream(self, store) -> dict[str, torch.Tensor]:
-        """M_l = H̃_l⁻¹ (r_l × r_l, float64) from a FeatureStore in one streamed pass."""
-        sums, grams, n = stream_stats(store)
-        lams = store_damping(store, sums, n, self.damping_factor, self.damping)
-        out = {}
-        for name, gram in grams.items():
-            if not _dead(name, lams[name], sums[name]):
-                out[name] = _damped_inverse(gram, n, lams[name], name)
-        return out
-
-
-def _dead(name: str, lam: float, sumsq: float) -> bool:
-    """True (with a warning) when a layer's compressed gradients are all zero on the train set."""
-    if lam <= 0.0 or sumsq == 0.0:
-        warnings.warn(f"layer {name!r}: every compressed gradient entry is zero on the train set "
-                      f"(λ = 0); it contributes nothing and is dropped from the scores.", stacklevel=3)
-        return True
-    return False
-
-
-def _damped_inverse(gram: torch.Tensor, n: int, lam: float, name: str) -> torch.Tensor:
-    """H̃⁻¹ = (gram/n + λI)⁻¹ in float64, by Cholesky (jitter + warning if it fails)."""
-    h = gram / n + lam * torch.eye(gram.shape[0], dtype=torch.float64)
-    return torch.cholesky_inverse(cholesky_jitter(h, f"H̃ of layer {name!r}"))
-
+            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self.damping_factor, self.damping)
+            if name in kern:
+                if lam <= 0:
+                    raise ConfigError(f"layer {name!r} has r={train.layer_r(name)} > n={n}: undamped "
+                                      f"Gauss-Newton is singular there. Use damping > 0 (or the default rule).")
+                k = st.kernel_gram(name)
+                kinv = spd_inverse(k + n * lam * torch.eye(n, dtype=k.dtype, device=k.device),
+                                   f"Woodbury kernel of layer {name!r}")
+                c = -kinv / lam
+                self_k = ((k @ c) * k).sum(1)
+                blocks.append(Block((name,), None, 1.0 / lam, c.cpu(), self_k.cpu(), {name: lam}))
+            else:
+                r = st.gram[name].shape[0]
+                h = st.gram[name] / n + lam * torch.eye(r, dtype=torch.float64, device=st.gram[name].device)
+                blocks.append(Block((name,), spd_inverse(h, f"H̃ of layer {name!r}").cpu(), damping={name: lam}))
+        return Preconditioner(estimator_signature(self), n, blocks, dropped)

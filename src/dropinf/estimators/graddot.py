@@ -7,18 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..store.features import Features
-from .base import FitContext, SolveScores
+from .base import FitContext
+from .preconditioner import Block, Preconditioner, estimator_signature
 
 
 @dataclass(frozen=True)
 class GradDot:
     name: str = "hessian-free"
 
-    def fit(self, train: Features, ctx: FitContext | None = None) -> SolveScores:
-        return SolveScores(lambda q: q, train)
-
-    def fit_stream(self, store) -> dict:
-        return {l.name: torch.eye(l.r, dtype=torch.float64) for l in store.layers}
+    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
+        """M_l = I for every layer; no pass over the rows."""
+        return Preconditioner(estimator_signature(self), train.n,
+                              [Block((l,), scale=1.0) for l in train.layer_names()])

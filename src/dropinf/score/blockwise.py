@@ -1,11 +1,5 @@
-"""Blockwise scoring against stored train features.
-
-For estimators whose scores are I(q, i) = − Σ_l (g̃_ql M_l) · g̃_il with a fixed r_l × r_l matrix
-M_l (GaussNewton: H̃_l⁻¹; GradDot: I; DataInf: its Sherman–Morrison average), the query side is
-preconditioned once (m × r) and the train features are streamed chunk by chunk: memory is
-O(m·r + chunk·r) plus whatever the caller keeps — the full (m, n) matrix as a memmap on disk,
-or only the top-k per query.
-"""
+"""Top-k bookkeeping for the blockwise scorer (score/scorer.py): a running top-k on both ends
+of each query's scores, merged block by block so the (n_query, n_train) matrix is never held."""
 
 from __future__ import annotations
 
@@ -13,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -53,39 +46,3 @@ def topk_merge(blocks, m: int, k: int) -> TopK:
         hi.update(block, start)
         lo.update(block, start)
     return TopK(lo.idx.numpy(), lo.vals.numpy(), hi.idx.numpy(), hi.vals.numpy())
-
-
-def stream_scores(store, qpre: dict[str, torch.Tensor], out: np.ndarray | None = None, k: int | None = None,
-                  progress: bool = True, verify: bool = True):
-    """Score preconditioned queries qpre {layer: (m, r_l)} against every stored chunk.
-
-    out: optional (m, n) float32 array (e.g. np.lib.format.open_memmap) filled in place.
-    k:   if given, return TopK; otherwise return out (or a dense array if out is None).
-    """
-    m = next(iter(qpre.values())).shape[0]
-    if out is None and k is None:
-        out = np.empty((m, store.n), dtype=np.float32)
-    q = {name: t.double() for name, t in qpre.items()}
-
-    def blocks():
-        with tqdm(total=store.n, desc="score", unit="ex", disable=not progress) as bar:
-            for start, chunk in store.iter_chunks(verify=verify):
-                rows = next(iter(chunk.values())).shape[0]
-                s = torch.zeros(m, rows, dtype=torch.float64)
-                for name, ql in q.items():
-                    s -= ql @ chunk[name].double().T
-                bar.update(rows)
-                yield start, s.float()
-
-    if k is None:
-        for start, s in blocks():
-            out[:, start:start + s.shape[1]] = s.numpy()
-        return out
-    if out is None:
-        return topk_merge(blocks(), m, k)
-
-    def tee():
-        for start, s in blocks():
-            out[:, start:start + s.shape[1]] = s.numpy()
-            yield start, s
-    return topk_merge(tee(), m, k)

@@ -9,32 +9,14 @@ rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a ba
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
+from ..dist import barrier as _barrier, dist_info
 from ..errors import ConfigError, EmptyDataError
 from .disk import FeatureStore, LayerCols
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def check_loader(loader) -> None:

@@ -1,9 +1,11 @@
-"""In-memory feature sets: compressed per-example gradients plus what makes them comparable."""
+"""In-memory feature sets (compressed per-example gradients plus what makes them comparable) and
+the RowSource seam that in-memory and on-disk features share."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -45,9 +47,41 @@ class Features:
         return Features({k: v.mean(0, keepdim=True) for k, v in self.data.items()}, self.signature,
                         self.losses.mean().reshape(1) if self.losses.numel() else self.losses, self.damping_dims)
 
+    # ------------------------------------------------------------------ the RowSource seam
+    def layer_names(self) -> list[str]:
+        return list(self.data)
+
+    def layer_r(self, name: str) -> int:
+        return self.data[name].shape[1]
+
+    def iter_chunks(self, rows: int = 8192, part: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, dict]]:
+        """(first row, {layer: (rows, r_l) view}) over blocks of ``rows`` examples; with
+        ``part=(rank, world)`` only blocks k with k % world == rank."""
+        rank, world = part
+        for k, s in enumerate(range(0, self.n, rows)):
+            if k % world == rank:
+                yield s, {name: v[s:s + rows] for name, v in self.data.items()}
+
     def rows(self, start: int, stop: int) -> "Features":
         return Features({k: v[start:stop] for k, v in self.data.items()}, self.signature,
                         self.losses[start:stop] if self.losses.numel() else self.losses, self.damping_dims)
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Compressed train (or query) rows that can be streamed: in memory (Features) or on disk
+    (store.disk.FeatureStore). Every fit and every score pass goes through this seam."""
+
+    n: int
+    signature: dict
+
+    def layer_names(self) -> list[str]: ...
+
+    def layer_r(self, name: str) -> int: ...
+
+    def damping_dim(self, name: str) -> int: ...
+
+    def iter_chunks(self, *args, part: tuple[int, int] = (0, 1), **kw) -> Iterator[tuple[int, dict]]: ...
 
 
 def check_compatible(query: Features, train: Features) -> None:

@@ -1,0 +1,50 @@
+"""torch.distributed helpers: one place that knows whether we run under torchrun.
+
+Every pass over rows (featurize into a store, the preconditioner's statistics, scoring) splits
+its chunks by ``k % world == rank``; statistics are summed with ``all_reduce`` and score columns
+or top-k lists gathered, so 2 ranks give the same answer as 1 (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun (gloo on CPU,
+    nccl on GPU, after ``torch.cuda.set_device(LOCAL_RANK)``)."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum of ``t`` over ranks, in place (a no-op with one process). CPU tensors go through gloo;
+    with nccl the tensor must live on this rank's GPU."""
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

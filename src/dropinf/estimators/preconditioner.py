@@ -1,0 +1,166 @@
+"""One fitted representation for every estimator: a preconditioner M in the compressed space.
+
+    I(q, i) = − Σ_b  q̃_b · g_ib,      q̃_b = g_qb M_b                 (shape: (n_query, n_train))
+
+A block b is one tracked layer (every estimator but ExactHessian and LiSSA(hvp="model")) or all
+tracked layers concatenated in tracked order (those two: their Hessian has cross-layer terms).
+M_b is stored in one of three forms:
+
+    dense     M_b given as an (R_b × R_b) matrix                       (r_l ≤ n)
+    kernel    M_b = a·I + G_bᵀ C_b G_b with C_b (n × n)                (r_l > n: Woodbury form;
+              G_b are the train rows of the block, so applying it reads them)
+    identity  M_b = a·I                                                (GradDot)
+
+GaussNewton: M = H̃⁻¹; GradDot: I; DataInf: its Sherman–Morrison average; LiSSA: the truncated
+series, a polynomial in H̃; ExactHessian: the restricted inverse. A layer whose compressed
+gradients are all zero is listed in ``dropped`` and contributes nothing.
+
+The preconditioner is saved next to a store (``save``/``load``: one .npz, no pickle) and
+reused by ``Attributor.from_store`` when the estimator's options match.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "dropinf-precond/1"
+
+
+@dataclass
+class Block:
+    layers: tuple[str, ...]
+    matrix: torch.Tensor | None = None      # dense M (R × R), float64
+    scale: float = 1.0                      # a in a·I (+ Gᵀ C G)
+    kernel: torch.Tensor | None = None      # C (n × n), float64
+    self_kernel: torch.Tensor | None = None  # (n,) diag(K C K), K = G Gᵀ: kernel part of I(i, i)
+    damping: dict = field(default_factory=dict)   # λ per layer (reported, saved)
+
+    @property
+    def form(self) -> str:
+        return "dense" if self.matrix is not None else "kernel" if self.kernel is not None else "identity"
+
+
+@dataclass
+class Preconditioner:
+    estimator: dict                 # name and options: what must match to reuse it
+    n: int                          # train rows it was fitted on
+    blocks: list[Block]
+    dropped: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)   # estimator-specific facts (e.g. LiSSA's scale)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def layers(self) -> list[str]:
+        return [n for b in self.blocks for n in b.layers]
+
+    def needs_train_rows(self) -> bool:
+        return any(b.form == "kernel" for b in self.blocks)
+
+    def _on(self, b: int, what: str, device, dtype) -> torch.Tensor:
+        key = (b, what, str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self.blocks[b], what).to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, q: dict[str, torch.Tensor], train=None, device=None, dtype=torch.float32,
+              progress: bool = False) -> dict[str, torch.Tensor]:
+        """q̃ = q M per block for query rows q {layer: (m, r_l)}; returns {layer: (m, r_l)} on
+        ``device`` in ``dtype`` (dropped layers left out). Kernel blocks read the train rows
+        (two streamed passes over ``train``, a RowSource)."""
+        device = torch.device(device) if device is not None else next(iter(q.values())).device
+        out: dict[str, torch.Tensor] = {}
+        kernels = []
+        for b, blk in enumerate(self.blocks):
+            qb = torch.cat([q[l].to(device=device, dtype=dtype) for l in blk.layers], 1)
+            if blk.form == "dense":
+                qb = qb @ self._on(b, "matrix", device, dtype)
+            else:
+                qb = qb * blk.scale
+                if blk.form == "kernel":
+                    kernels.append(b)
+            off = 0
+            for l in blk.layers:
+                r = q[l].shape[1]
+                out[l] = qb[:, off:off + r]
+                off += r
+        if kernels:
+            self._apply_kernels(kernels, q, out, train, device, dtype)
+        return out
+
+    def _apply_kernels(self, kernels, q, out, train, device, dtype):
+        """q̃ += (q Gᵀ) C G for kernel blocks (single-layer), in two passes over the train rows."""
+        if train is None:
+            raise ValueError("this preconditioner has kernel blocks (r_l > n); applying it needs the train rows")
+        names = [self.blocks[b].layers[0] for b in kernels]
+        m = next(iter(q.values())).shape[0]
+        qg = {l: torch.zeros(m, self.n, device=device, dtype=dtype) for l in names}
+        for start, chunk in train.iter_chunks():
+            for l in names:
+                g = chunk[l].to(device=device, dtype=dtype)
+                qg[l][:, start:start + g.shape[0]] = q[l].to(device=device, dtype=dtype) @ g.T
+        p = {l: qg[l] @ self._on(b, "kernel", device, dtype) for b, l in zip(kernels, names)}
+        for start, chunk in train.iter_chunks():
+            for l in names:
+                g = chunk[l].to(device=device, dtype=dtype)
+                out[l] = out[l] + p[l][:, start:start + g.shape[0]] @ g
+
+    def self_scores(self, chunk: dict[str, torch.Tensor], start: int, device=None,
+                    dtype=torch.float32) -> torch.Tensor:
+        """I(i, i) = − Σ_b g_ib M_b g_ibᵀ for the train rows of one chunk starting at row ``start``."""
+        rows = next(iter(chunk.values())).shape[0]
+        device = torch.device(device) if device is not None else next(iter(chunk.values())).device
+        s = torch.zeros(rows, device=device, dtype=torch.float64)
+        for b, blk in enumerate(self.blocks):
+            g = torch.cat([chunk[l].to(device=device, dtype=dtype) for l in blk.layers], 1)
+            if blk.form == "dense":
+                s += ((g @ self._on(b, "matrix", device, dtype)) * g).sum(1, dtype=torch.float64)
+            else:
+                s += blk.scale * (g * g).sum(1, dtype=torch.float64)
+                if blk.form == "kernel":
+                    s += self._on(b, "self_kernel", device, torch.float64)[start:start + rows]
+        return -s
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | Path) -> None:
+        """One .npz (written to a temporary name, then renamed), no pickle."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays, meta_blocks = {}, []
+        for i, b in enumerate(self.blocks):
+            meta_blocks.append({"layers": list(b.layers), "scale": b.scale, "damping": b.damping})
+            for what in ("matrix", "kernel", "self_kernel"):
+                t = getattr(b, what)
+                if t is not None:
+                    arrays[f"b{i}_{what}"] = t.detach().cpu().double().numpy()
+        meta = {"format": FORMAT, "estimator": self.estimator, "n": self.n, "blocks": meta_blocks,
+                "dropped": self.dropped, "info": self.info}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Preconditioner":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            blocks = []
+            for i, mb in enumerate(meta["blocks"]):
+                t = {w: torch.from_numpy(z[f"b{i}_{w}"]) if f"b{i}_{w}" in z.files else None
+                     for w in ("matrix", "kernel", "self_kernel")}
+                blocks.append(Block(tuple(mb["layers"]), t["matrix"], mb["scale"], t["kernel"], t["self_kernel"],
+                                    mb["damping"]))
+        return cls(meta["estimator"], meta["n"], blocks, meta["dropped"], meta["info"])
+
+
+def estimator_signature(estimator) -> dict:
+    """What identifies an estimator's fit: its name and every option (a frozen dataclass)."""
+    from dataclasses import asdict, is_dataclass
+    opts = asdict(estimator) if is_dataclass(estimator) else {}
+    return json.loads(json.dumps({"class": type(estimator).__name__, **opts}, default=str))

@@ -1,0 +1,93 @@
+"""The statistics every estimator fits from: one streamed pass over the train rows.
+
+Per layer: Σ_i ‖g_il‖² and the (optionally row-weighted) Gram matrix G_lᵀ diag(w) G_l. Chunks
+are multiplied in float32 on the chosen device (a BLAS/cuBLAS matmul of the chunk) and the
+r_l × r_l results summed in float64, so the pass runs at float32 matmul speed while the sum over
+millions of rows keeps its precision. Memory: one chunk plus the Gram matrices. Layers with
+r_l > n (kernel form) keep their rows instead (n × r_l, smaller than the Gram matrix would be).
+
+Under torchrun each rank accumulates the chunks k ≡ rank (mod world) and the sums are
+all-reduced, so every rank ends with the same statistics after reading only its share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..dist import all_reduce_sum
+
+
+@dataclass
+class Stats:
+    n: int
+    sumsq: dict[str, float]
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)        # (r, r) float64, on device
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)        # (n, r) float32: kernel layers
+    row_sumsq: dict[str, torch.Tensor] = field(default_factory=dict)   # (n,) float64: kernel layers
+
+    def kernel_gram(self, name: str) -> torch.Tensor:
+        """K = G Gᵀ (n × n, float64) of a kernel layer, from float32 column blocks."""
+        g = self.rows[name]
+        out = torch.zeros(g.shape[0], g.shape[0], dtype=torch.float64, device=g.device)
+        step = max(1, (1 << 24) // max(1, g.shape[0]))
+        for s in range(0, g.shape[1], step):
+            c = g[:, s:s + step]
+            out += (c @ c.T).double()
+        return out
+
+
+Weights = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = True,
+              weights: Weights | None = None, kernel_layers=(), progress: bool = False,
+              desc: str = "precondition") -> Stats:
+    """Σ‖g‖² per layer and (if ``gram``) Gᵀ diag(w) G, w = weights(layer, chunk rows) or 1.
+    ``kernel_layers``: layers whose rows are kept whole instead of a Gram matrix."""
+    device = torch.device(device)
+    rank, world = part
+    names = source.layer_names()
+    kernel_layers = set(kernel_layers)
+    n = source.n
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    grams: dict[str, torch.Tensor] = {}
+    rows = {l: torch.empty(n, source.layer_r(l), device=device) for l in kernel_layers}
+    # kernel layers need every row on every rank; otherwise each rank reads only its share
+    chunks = source.iter_chunks() if (kernel_layers and world > 1) else source.iter_chunks(part=part)
+    seen = 0
+    with tqdm(total=n, desc=desc, unit="ex", leave=False, disable=not progress) as bar:
+        for k, (start, chunk) in enumerate(chunks):
+            mine = not (kernel_layers and world > 1) or k % world == rank
+            for i, name in enumerate(names):
+                g = chunk[name].to(device=device, dtype=torch.float32, non_blocking=True)
+                if name in kernel_layers:
+                    rows[name][start:start + g.shape[0]] = g
+                if not mine:
+                    continue
+                sums[i] += (g * g).sum(dtype=torch.float64)
+                if gram and name not in kernel_layers:
+                    gw = g if weights is None else g * weights(name, g).to(g.dtype)[:, None]
+                    prod = (gw.T @ g).double()
+                    if name in grams:
+                        grams[name] += prod
+                    else:
+                        grams[name] = prod
+            if mine:
+                seen += next(iter(chunk.values())).shape[0]
+            bar.update(next(iter(chunk.values())).shape[0])
+    all_reduce_sum(sums, world)
+    for name in names:
+        if gram and name not in kernel_layers:
+            r = source.layer_r(name)
+            if name not in grams:    # this rank had no chunk
+                grams[name] = torch.zeros(r, r, dtype=torch.float64, device=device)
+            all_reduce_sum(grams[name], world)
+    total = int(all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=device), world).item())
+    if total != n:
+        raise RuntimeError(f"statistics pass saw {total} rows, the source claims {n}")
+    row_ss = {l: (rows[l].double() ** 2).sum(1) for l in kernel_layers}
+    return Stats(n, {nm: float(v) for nm, v in zip(names, sums.tolist())}, grams, rows, row_ss)

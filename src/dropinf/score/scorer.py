@@ -1,0 +1,190 @@
+"""The one scorer: score, top-k, mean-query, per-layer and self-influence all run through it.
+
+For a fitted Preconditioner M and train rows G (a RowSource: in memory or a store),
+
+    S[q, i] = I(q, i) = − Σ_l q̃_l · g_il,   q̃ = q M          (shape (n_query, n_train))
+
+Queries are taken in batches of ``query_batch`` rows and preconditioned once per batch; the train
+rows are streamed in chunks (a store's shards, or ``train_batch`` rows in memory) and each
+(query batch × train chunk) block is one matmul in ``dtype`` on ``device``. Memory:
+O(query_batch·R + chunk·R) plus what the caller keeps: the full matrix (in memory or an
+``.npy`` memmap), per-layer matrices, or only the running top-k per query. Self-influence is
+O(n·R²) for every estimator: −rowsum((G M) ∘ G) per chunk.
+
+Under torchrun the train chunks are split across ranks (k ≡ rank mod world); dense outputs are
+summed across ranks (each fills its own columns), top-k lists gathered and merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..dist import all_gather_objects, all_reduce_sum, barrier
+from ..errors import ConfigError
+from .blockwise import TopK, topk_merge
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """device:      where the products run (None: the model's device through Attributor, else CPU)
+    dtype:       "float32" (default: GPU/BLAS speed) or "float64"
+    query_batch: queries preconditioned and scored together (memory O(query_batch · R))
+    train_batch: train rows per streamed block when the train features are in memory (a store
+                 streams its own shards)"""
+
+    device: str | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+    query_batch: int = 2048
+    train_batch: int = 16384
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"ScoreOptions.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.query_batch < 1 or self.train_batch < 1:
+            raise ConfigError("ScoreOptions.query_batch and train_batch must be ≥ 1")
+
+
+def _chunks(source, rows: int, part=(0, 1)):
+    from ..store.features import Features
+    if isinstance(source, Features):
+        return source.iter_chunks(rows=rows, part=part)
+    return source.iter_chunks(part=part)
+
+
+def _concat(chunk: dict, layers: list[str]) -> torch.Tensor:
+    """Columns of ``layers`` side by side; a view (no copy) when they already are (store shards)."""
+    ts = [chunk[l] for l in layers]
+    first = ts[0]
+    off, ok = first.storage_offset(), first.dim() == 2 and first.stride(1) == 1
+    for t in ts:
+        ok = ok and t.stride() == first.stride() and t.storage_offset() == off and \
+            t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        off += t.shape[1]
+    if ok and len(ts) > 1:
+        return torch.as_strided(first, (first.shape[0], off - first.storage_offset()), first.stride(),
+                                first.storage_offset())
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+
+
+class Scorer:
+    """Scores of query rows against the train rows a Preconditioner was fitted on."""
+
+    def __init__(self, precond, train, options: ScoreOptions | None = None, progress: bool = True,
+                 part: tuple[int, int] = (0, 1)):
+        if train.n != precond.n:
+            raise ConfigError(f"the preconditioner was fitted on {precond.n} train rows but the train source "
+                              f"has {train.n}; refit it (Attributor.fit()).")
+        self.precond, self.train = precond, train
+        self.opts = options or ScoreOptions()
+        self.device = torch.device(self.opts.device or "cpu")
+        self.dtype = DTYPES[self.opts.dtype]
+        self.progress, self.part = progress, part
+        self.layers = [l for l in train.layer_names() if l in set(precond.layers)]
+        if not self.layers:
+            raise ConfigError("every tracked layer was dropped (all-zero gradients): there is nothing to score. "
+                              "Check that the loss depends on the tracked layers.")
+
+    # ------------------------------------------------------------------ core loop
+    def _queries(self, query) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first query row, q̃ (m_b, R) over self.layers) per query batch."""
+        for q0, qc in _chunks(query, self.opts.query_batch):
+            pre = self.precond.apply(qc, self.train, self.device, self.dtype)
+            yield q0, pre
+
+    def blocks(self, query, per_layer: bool = False):
+        """Yield (q0, t0, S) with S (m_b, rows) the scores of one query batch × train chunk — or,
+        with per_layer, {layer: S_l} whose sum is S."""
+        total = query.n * self.train.n // max(1, self.part[1])
+        with tqdm(total=total, desc="score", unit="pair", unit_scale=True, disable=not self.progress) as bar:
+            for q0, pre in self._queries(query):
+                qcat = _concat(pre, self.layers)
+                for t0, chunk in _chunks(self.train, self.opts.train_batch, self.part):
+                    if per_layer:
+                        s = {l: -(pre[l] @ chunk[l].to(self.device, self.dtype).T) for l in self.layers}
+                        rows = next(iter(s.values())).shape[1]
+                    else:
+                        g = _concat(chunk, self.layers).to(self.device, self.dtype, non_blocking=True)
+                        s = -(qcat @ g.T)
+                        rows = s.shape[1]
+                    bar.update(qcat.shape[0] * rows)
+                    yield q0, t0, s
+
+    # ------------------------------------------------------------------ outputs
+    def dense(self, query, out: np.ndarray | None = None, per_layer: bool = False):
+        """(n_query, n_train) float32 scores (into ``out`` if given, e.g. an .npy memmap), or with
+        per_layer a dict {layer: (n_query, n_train)} summing to them."""
+        m, n = query.n, self.train.n
+        world = self.part[1]
+        if per_layer:
+            outs = {l: np.zeros((m, n), dtype=np.float32) for l in self.layers}
+        else:
+            if out is None:
+                out = np.zeros((m, n), dtype=np.float32) if world > 1 else np.empty((m, n), dtype=np.float32)
+            elif out.shape != (m, n):
+                raise ConfigError(f"out has shape {out.shape}; these scores are ({m}, {n}) (n_query, n_train).")
+            elif world > 1 and not isinstance(out, np.memmap):
+                out[:] = 0
+            outs = {None: out}
+        for q0, t0, s in self.blocks(query, per_layer):
+            for key, arr in outs.items():
+                sl = s if key is None else s[key]
+                arr[q0:q0 + sl.shape[0], t0:t0 + sl.shape[1]] = sl.float().cpu().numpy()
+        if world > 1:
+            for arr in outs.values():
+                if isinstance(arr, np.memmap):
+                    arr.flush()
+                else:
+                    all_reduce_sum(torch.from_numpy(arr), world)
+            barrier(world)
+        return outs if per_layer else out
+
+    def topk(self, query, k: int) -> TopK:
+        """The k most helpful (most negative) and most harmful (most positive) train rows per query."""
+        if k < 1:
+            raise ConfigError("k must be ≥ 1")
+        parts, cur_q0, blocks = [], None, []
+
+        def flush():
+            if blocks:
+                parts.append((cur_q0, topk_merge(blocks, blocks[0][1].shape[0], k)))
+        for q0, t0, s in self.blocks(query):
+            if q0 != cur_q0:
+                flush()
+                blocks, cur_q0 = [], q0
+            blocks.append((t0, s.float().cpu()))
+        flush()
+        empty = {"idx": np.zeros((query.n, 0), dtype=np.int64), "scores": np.zeros((query.n, 0), dtype=np.float32)}
+        local = TopK(*(np.concatenate([getattr(p, f) for _, p in parts]) if parts else empty[f.split("_")[1]]
+                       for f in ("helpful_idx", "helpful_scores", "harmful_idx", "harmful_scores")))
+        world = self.part[1]
+        if world == 1:
+            return local
+        merged = all_gather_objects(local, world)
+        m = query.n
+        out = {}
+        for side in ("helpful", "harmful"):   # the global top-k lies in the union of the ranks' top-k
+            idx = np.concatenate([getattr(t, f"{side}_idx") for t in merged], 1)
+            vals = torch.from_numpy(np.concatenate([getattr(t, f"{side}_scores") for t in merged], 1))
+            best = topk_merge([(0, vals)], m, k)
+            pos = best.helpful_idx if side == "helpful" else best.harmful_idx
+            out[side] = (np.take_along_axis(idx, pos, 1), np.take_along_axis(vals.numpy(), pos, 1))
+        return TopK(*out["helpful"], *out["harmful"])
+
+    def self_influence(self) -> np.ndarray:
+        """I(i, i) for every train row, (n_train,) float32: O(n·R²) for every estimator."""
+        n, world = self.train.n, self.part[1]
+        out = torch.zeros(n, dtype=torch.float64)
+        with tqdm(total=n // world, desc="self-influence", unit="ex", disable=not self.progress) as bar:
+            for t0, chunk in _chunks(self.train, self.opts.train_batch, self.part):
+                s = self.precond.self_scores(chunk, t0, self.device, self.dtype)
+                out[t0:t0 + s.shape[0]] = s.cpu()
+                bar.update(s.shape[0])
+        all_reduce_sum(out, world)
+        return out.float().numpy()
