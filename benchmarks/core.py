@@ -54,7 +54,7 @@ def variant(v: str, r: int):
 def child(v: str, n_train: int, n_query: int, r: int, batch: int) -> None:
     import torch
     from dropinf import Attributor
-    from dropinf.models.mlp import ce_loss, mlp
+    from dropinf_experiments.models.mlp import ce_loss, mlp
 
     torch.manual_seed(0)
     model = mlp([784, 512, 256, 10])

@@ -28,9 +28,9 @@ LABELS = {"a": "fused capture (dropinf)", "b": "torch.func per-example grads + g
 def child(v: str, batches: int, bs: int, tokens: int, r: int) -> None:
     import torch
     from dropinf import Attributor, CaptureOptions, Dropout
-    from dropinf.data.text import TokenDataset, lm_loss
-    from dropinf.data.wiki import load_wiki_paragraphs
-    from dropinf.models.hf import load_smollm2
+    from dropinf_experiments.data.text import TokenDataset, lm_loss
+    from dropinf_experiments.data.wiki import load_wiki_paragraphs
+    from dropinf_experiments.models.hf import load_smollm2
 
     torch.manual_seed(0)
     model, tok = load_smollm2()

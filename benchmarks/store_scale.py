@@ -37,7 +37,7 @@ class Synthetic:
 def child(n: int, folder: str) -> None:
     import torch
     from dropinf import Attributor, Dropout
-    from dropinf.models.mlp import ce_loss, mlp
+    from dropinf_experiments.models.mlp import ce_loss, mlp
 
     torch.manual_seed(0)
     model = mlp([64, 128, 10])

@@ -207,8 +207,9 @@ class Attributor:
         if full.signature.get("compressor", {}).get("kind") != "identity":
             raise ConfigError("derive_features needs features captured with compressor=Identity(); got "
                               f"{full.signature.get('compressor')}")
-        base = {k: v for k, v in self.signature().items() if k != "compressor"}
-        check_compatible(Features({}, {k: v for k, v in full.signature.items() if k in base}), Features({}, base))
+        mine = self.signature()
+        check_compatible(Features({}, {k: full.signature.get(k) for k in ("model", "layers")}),
+                         Features({}, {k: mine[k] for k in ("model", "layers")}))
         data, dims = {}, {}
         for l in self.layers:
             c = self.compressors[l.name]

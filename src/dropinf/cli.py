@@ -21,9 +21,32 @@ def _compressor(a):
     return Identity()
 
 
-def _estimator(name):
-    from . import DataInf, GaussNewton, GradDot
-    return {"gauss-newton": GaussNewton, "datainf": DataInf, "hessian-free": GradDot}[name]()
+def _estimator(a):
+    from . import DataInf, GaussNewton, GradDot, LiSSA
+    damp = dict(damping_factor=a.damping_factor, damping=a.damping)
+    if a.estimator == "gauss-newton":
+        return GaussNewton(**damp)
+    if a.estimator == "datainf":
+        return DataInf(**damp)
+    if a.estimator == "lissa":
+        return LiSSA(iterations=a.iterations, **damp)
+    return GradDot()
+
+
+def _score_options(a):
+    from .score import ScoreOptions
+    return ScoreOptions(device=a.device, dtype=a.dtype, query_batch=a.query_batch)
+
+
+def _experiments():
+    try:
+        import dropinf_experiments  # noqa: F401
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        from .errors import ConfigError
+        raise ConfigError(f"the demo and the paper's experiments need the experiments extra ({exc}). Install it "
+                          f"with: pip install 'dropinf[experiments]' (or use `bash run.sh demo`).") from exc
 
 
 def _add_entry(p, store_help="store folder"):
@@ -78,7 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
                       ("topk", "the k most helpful and most harmful training examples per query, as JSON")):
         p = sub.add_parser(name, help=hlp, description=hlp + ". " + SIGN)
         _add_entry(p)
-        p.add_argument("--estimator", choices=["gauss-newton", "datainf", "hessian-free"], default="gauss-newton")
+        p.add_argument("--estimator", choices=["gauss-newton", "datainf", "lissa", "hessian-free"],
+                       default="gauss-newton", help="what stands for H^-1 (default: %(default)s, the paper's eq. 3)")
+        p.add_argument("--damping-factor", type=float, default=0.1,
+                       help="lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1; "
+                            "default: %(default)s)")
+        p.add_argument("--damping", type=float, default=None,
+                       help="a fixed lambda for every layer instead of the rule (0 = undamped)")
+        p.add_argument("--iterations", type=int, default=10, help="LiSSA recursion steps (default: %(default)s)")
+        p.add_argument("--device", default=None, help="where fit and scoring run, e.g. cuda, cuda:1, cpu "
+                                                      "(default: the model's device)")
+        p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                       help="precision of the scoring products (default: %(default)s)")
+        p.add_argument("--query-batch", type=int, default=2048,
+                       help="queries scored together (memory grows with it; default: %(default)s)")
         p.add_argument("--reduce", choices=["none", "mean"], default="none",
                        help="mean: one query, the mean query gradient (influence on the mean query loss)")
         p.add_argument("--out", required=(name == "score"), default=None,
@@ -103,19 +139,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.cmd in ("demo", "reproduce"):
+        _experiments()
     if args.cmd == "demo":
         if args.digits:
-            from .eval.demo import run_demo
+            from dropinf_experiments.demo import run_demo
             run_demo(out=args.out if args.out != "reports/mislabel" else "reports/digits", progress=not args.no_progress)
             return 0
-        from .eval.experiments import mislabel
+        from dropinf_experiments import mislabel
         print("dropinf demo: mislabeled-data detection, MiniLM-L6 + LoRA on tweets with 20% flipped labels "
               "(= dropinf reproduce mislabel)", flush=True)
         mislabel.run("fast", out=args.out, progress=not args.no_progress)
         return 0
     if args.cmd == "reproduce":
         import importlib
-        mod = importlib.import_module(f".eval.experiments.{args.name.replace('-', '_')}", __package__)
+        mod = importlib.import_module(f"dropinf_experiments.{args.name.replace('-', '_')}")
         preset = "smoke" if args.smoke else "full" if args.full else "fast"
         mod.run(preset, out=args.out or f"reports/{args.name}", progress=not args.no_progress)
         return 0
@@ -137,18 +175,28 @@ def _run(args) -> int:
         if dist_info()[0] == 0:
             print(json.dumps(store.info(), indent=1))
         return 0
-    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=_estimator(args.estimator),
-                                 progress=not args.no_progress)
+    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=_estimator(args),
+                                 progress=not args.no_progress, score_options=_score_options(args))
     q = task.loader("query")
     if args.cmd == "score":
         import numpy as np
         n_q = 1 if args.reduce == "mean" else len(task.query)
-        out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.float32, shape=(n_q, attr.store.n))
+        from .dist import barrier, dist_info
+        rank, world = dist_info()
+        if rank == 0:   # under torchrun rank 0 creates the file; every rank fills its own columns
+            out = np.lib.format.open_memmap(args.out, mode="w+", dtype=np.float32, shape=(n_q, attr.store.n))
+        barrier(world)
+        if rank != 0:
+            out = np.lib.format.open_memmap(args.out, mode="r+")
         attr.score(q, reduce=args.reduce, out=out)
         out.flush()
-        print(f"wrote {args.out}: float32 ({n_q}, {attr.store.n}). {SIGN}")
+        if rank == 0:
+            print(f"wrote {args.out}: float32 ({n_q}, {attr.store.n}). {SIGN}")
         return 0
     top = attr.topk(q, k=args.k, reduce=args.reduce)
+    from .dist import dist_info
+    if dist_info()[0] != 0:
+        return 0
     text = json.dumps(top.as_dict())
     if args.out:
         with open(args.out, "w") as f:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...attribute import Attributor
-from ...compress import Dropout, Gaussian, LoGra
-from ...data.text import TokenDataset, lm_loss
-from ...data.wiki import load_wiki_paragraphs
-from ...estimators import GaussNewton
-from ...models.hf import load_smollm2
+from dropinf.attribute import Attributor
+from dropinf.compress import Dropout, Gaussian, LoGra
+from .data.text import TokenDataset, lm_loss
+from .data.wiki import load_wiki_paragraphs
+from dropinf.estimators import GaussNewton
+from dropinf.score import influence
+from .models.hf import load_smollm2
 from .common import Report, md_table, mean_std, plt, quiet_hf, timed
 
 PAPER_TABLE3 = {"Random": [15.419, 18.182, 23.401, 23.647], "LoGra": [15.438, 18.276, 23.662, 23.962],
@@ -135,7 +136,7 @@ def run(preset: str = "fast", out: str = "reports/retrain-lm", progress: bool = 
                     tr_f = attr.compute_features(train_ds.loader(s.batch_size), "featurize train")
                     te_f = attr.compute_features(test_ds.loader(s.batch_size), "featurize test")
                 with timed(t[name], "ihvp_s"):
-                    scores[name] = GaussNewton().fit(tr_f, None).score(te_f.mean())[0]
+                    scores[name] = torch.from_numpy(influence(GaussNewton(), tr_f, te_f.mean())[0])
             times.append({"mode": mode, **t})
             for name, sc in scores.items():
                 order = np.argsort(sc.numpy(), kind="stable")   # most helpful first

