@@ -147,3 +147,41 @@ def test_logra_store_and_empty_loader(tmp_path):
     shuffled = torch.utils.data.DataLoader(t["train"], batch_size=8, shuffle=True)
     with pytest.raises(ConfigError, match="deterministic order"):
         attr.featurize(shuffled, store=tmp_path / "x")
+
+
+def test_from_store_loads_the_saved_preconditioner_without_reading_rows(tmp_path, capsys):
+    t, train, query = task()
+    first = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=DataInf(), progress=False)
+    first.featurize(train, store=tmp_path / "s", chunk_size=50)
+    want = first.score(query)
+    saved = list((tmp_path / "s" / "precond").glob("datainf-*.npz"))
+    assert len(saved) == 1
+    again = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=DataInf(), progress=True)
+    assert again.store.rows_read == 0 and again.fit_status.startswith("loaded")      # no pass over the rows
+    np.testing.assert_allclose(again.score(query), want, rtol=1e-6)
+    capsys.readouterr()
+    # other options: refit (one streamed pass per statistic) and say so; then both are saved
+    other = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=DataInf(damping_factor=1.0))
+    assert other.fit_status == "fitted" and other.store.rows_read > 0
+    assert "fitting DataInf" in capsys.readouterr().err
+    assert len(list((tmp_path / "s" / "precond").glob("datainf-*.npz"))) == 2
+    assert np.abs(other.score(query) - want).max() > 1e-3 * np.abs(want).max()
+    # a damaged saved preconditioner is refitted, not trusted
+    saved[0].write_bytes(b"garbage")
+    third = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=DataInf(), progress=False)
+    assert third.fit_status == "fitted"
+    np.testing.assert_allclose(third.score(query), want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
+def test_each_shard_is_checksummed_once_per_open(tmp_path, monkeypatch):
+    from dropinf.store import disk
+    t, train, query = task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
+    attr.featurize(train, store=tmp_path / "s", chunk_size=50)
+    calls = []
+    real = disk._checksum_ok
+    monkeypatch.setattr(disk, "_checksum_ok", lambda *a, **k: calls.append(1) or real(*a, **k))
+    st = FeatureStore.open(tmp_path / "s")
+    for _ in range(3):
+        list(st.iter_chunks())
+    assert len(calls) == st.n_chunks == 5
