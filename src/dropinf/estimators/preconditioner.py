@@ -117,11 +117,12 @@ class Preconditioner:
         device = torch.device(device) if device is not None else next(iter(chunk.values())).device
         s = torch.zeros(rows, device=device, dtype=torch.float64)
         for b, blk in enumerate(self.blocks):
-            g = torch.cat([chunk[l].to(device=device, dtype=dtype) for l in blk.layers], 1)
-            if blk.form == "dense":
-                s += ((g @ self._on(b, "matrix", device, dtype)) * g).sum(1, dtype=torch.float64)
+            parts = [chunk[l].to(device=device, dtype=dtype) for l in blk.layers]
+            g = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            if blk.form == "dense":   # per-row sums of r products in dtype, accumulated in float64
+                s += ((g @ self._on(b, "matrix", device, dtype)) * g).sum(1).double()
             else:
-                s += blk.scale * (g * g).sum(1, dtype=torch.float64)
+                s += blk.scale * (g * g).sum(1).double()
                 if blk.form == "kernel":
                     s += self._on(b, "self_kernel", device, torch.float64)[start:start + rows]
         return -s

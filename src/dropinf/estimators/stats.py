@@ -68,7 +68,6 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
                     rows[name][start:start + g.shape[0]] = g
                 if not mine:
                     continue
-                sums[i] += (g * g).sum(dtype=torch.float64)
                 if gram and name not in kernel_layers:
                     gw = g if weights is None else g * weights(name, g).to(g.dtype)[:, None]
                     prod = (gw.T @ g).double()
@@ -76,6 +75,10 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
                         grams[name] += prod
                     else:
                         grams[name] = prod
+                    if weights is None:      # Σ‖g‖² is the trace of the Gram matrix: no extra pass
+                        sums[i] += prod.diagonal().sum()
+                        continue
+                sums[i] += torch.linalg.vector_norm(g).double() ** 2
             if mine:
                 seen += next(iter(chunk.values())).shape[0]
             bar.update(next(iter(chunk.values())).shape[0])

@@ -31,8 +31,10 @@ class _Running:
         self.idx = torch.empty(m, 0, dtype=torch.long)
 
     def update(self, block: torch.Tensor, start: int) -> None:
-        vals = torch.cat([self.vals, block], 1)
-        idx = torch.cat([self.idx, torch.arange(start, start + block.shape[1]).expand(block.shape[0], -1)], 1)
+        """Merge the top-k of one (m, b) block whose columns are rows start.. start+b."""
+        kk = min(self.k, block.shape[1])
+        v, pos = torch.topk(block, kk, dim=1, largest=self.largest, sorted=False)
+        vals, idx = torch.cat([self.vals, v], 1), torch.cat([self.idx, pos + start], 1)
         kk = min(self.k, vals.shape[1])
         v, pos = torch.topk(vals, kk, dim=1, largest=self.largest, sorted=True)
         self.vals, self.idx = v, torch.gather(idx, 1, pos)

@@ -104,14 +104,15 @@ class Scorer:
         total = query.n * self.train.n // max(1, self.part[1])
         with tqdm(total=total, desc="score", unit="pair", unit_scale=True, disable=not self.progress) as bar:
             for q0, pre in self._queries(query):
-                qcat = _concat(pre, self.layers)
+                neg = {l: -v for l, v in pre.items()}           # S = (−q̃) Gᵀ: one matmul per block
+                qcat = _concat(neg, self.layers)
                 for t0, chunk in _chunks(self.train, self.opts.train_batch, self.part):
                     if per_layer:
-                        s = {l: -(pre[l] @ chunk[l].to(self.device, self.dtype).T) for l in self.layers}
+                        s = {l: neg[l] @ chunk[l].to(self.device, self.dtype).T for l in self.layers}
                         rows = next(iter(s.values())).shape[1]
                     else:
                         g = _concat(chunk, self.layers).to(self.device, self.dtype, non_blocking=True)
-                        s = -(qcat @ g.T)
+                        s = qcat @ g.T
                         rows = s.shape[1]
                     bar.update(qcat.shape[0] * rows)
                     yield q0, t0, s
