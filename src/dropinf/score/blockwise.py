@@ -40,11 +40,23 @@ class _Running:
         self.vals, self.idx = v, torch.gather(idx, 1, pos)
 
 
+class RunningTopK:
+    """The k most helpful and most harmful columns seen so far, for m queries."""
+
+    def __init__(self, m: int, k: int):
+        self.hi, self.lo = _Running(m, k, True), _Running(m, k, False)
+
+    def update(self, block: torch.Tensor, start: int) -> None:
+        self.hi.update(block, start)
+        self.lo.update(block, start)
+
+    def result(self) -> TopK:
+        return TopK(self.lo.idx.numpy(), self.lo.vals.numpy(), self.hi.idx.numpy(), self.hi.vals.numpy())
+
+
 def topk_merge(blocks, m: int, k: int) -> TopK:
     """blocks: iterable of (start column, (m, b) score block). Running top-k on both ends."""
-    hi, lo = _Running(m, k, True), _Running(m, k, False)
+    run = RunningTopK(m, k)
     for start, block in blocks:
-        block = block.float()
-        hi.update(block, start)
-        lo.update(block, start)
-    return TopK(lo.idx.numpy(), lo.vals.numpy(), hi.idx.numpy(), hi.vals.numpy())
+        run.update(block.float(), start)
+    return run.result()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..dist import all_gather_objects, all_reduce_sum, barrier
 from ..errors import ConfigError
-from .blockwise import TopK, topk_merge
+from .blockwise import RunningTopK, TopK, topk_merge
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -150,17 +150,15 @@ class Scorer:
         """The k most helpful (most negative) and most harmful (most positive) train rows per query."""
         if k < 1:
             raise ConfigError("k must be ≥ 1")
-        parts, cur_q0, blocks = [], None, []
-
-        def flush():
-            if blocks:
-                parts.append((cur_q0, topk_merge(blocks, blocks[0][1].shape[0], k)))
+        parts, cur = [], None          # cur: (q0, running top-k on both ends) of this query batch
         for q0, t0, s in self.blocks(query):
-            if q0 != cur_q0:
-                flush()
-                blocks, cur_q0 = [], q0
-            blocks.append((t0, s.float().cpu()))
-        flush()
+            if cur is None or q0 != cur[0]:
+                if cur is not None:
+                    parts.append((cur[0], cur[1].result()))
+                cur = (q0, RunningTopK(s.shape[0], k))
+            cur[1].update(s.float().cpu(), t0)     # memory: O(m_b · k) across blocks, never (m, n)
+        if cur is not None:
+            parts.append((cur[0], cur[1].result()))
         empty = {"idx": np.zeros((query.n, 0), dtype=np.int64), "scores": np.zeros((query.n, 0), dtype=np.float32)}
         local = TopK(*(np.concatenate([getattr(p, f) for _, p in parts]) if parts else empty[f.split("_")[1]]
                        for f in ("helpful_idx", "helpful_scores", "harmful_idx", "harmful_scores")))
