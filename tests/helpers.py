@@ -20,7 +20,15 @@ def loop_grads(model: nn.Module, loss_fn, batch, param_names) -> torch.Tensor:
         else:
             one = type(batch)(t[i:i + 1] for t in batch)
         loss = loss_fn(model, one).sum()
-        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        # .backward() (not autograd.grad): works under re-entrant checkpointing too; .grad restored
+        every = list(model.parameters())
+        old = [p.grad for p in every]
+        for p in every:
+            p.grad = None
+        loss.backward()
+        gs = [p.grad for p in params]
+        for p, g in zip(every, old):
+            p.grad = g
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
     return torch.stack(rows)
 

@@ -31,7 +31,7 @@ from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout
 from .errors import ConfigError, EmptyDataError
-from .estimators import FitContext, GaussNewton
+from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.preconditioner import estimator_signature
 from .score.blockwise import TopK
 from .score.scorer import ScoreOptions, Scorer
@@ -96,6 +96,10 @@ class Attributor:
         self.compressor = compressor if compressor is not None else Dropout()
         self.estimator = estimator if estimator is not None else GaussNewton()
         self.options = options or CaptureOptions()
+        if isinstance(self.estimator, ExactHessian) and self.options.fused:
+            # the validation reference: per-example gradients from torch.func, exact whatever the
+            # model or loss_fn does (a regulariser inside loss_fn included)
+            self.options = dataclasses.replace(self.options, fused=False)
         self.progress = progress
         self.layers = select_layers(model, track, fused=self.options.fused)
         slow = [l.name for l in self.layers if l.kind == "func"]

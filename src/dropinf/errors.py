@@ -33,3 +33,8 @@ class IncompatibleMethodError(DropinfError, TypeError):
 
 class LossShapeError(DropinfError, ValueError):
     """loss_fn(model, batch) did not return one loss per example."""
+
+
+class CaptureCheckError(DropinfError, RuntimeError):
+    """The captured per-example gradients of a layer do not add up to the plain batch gradient
+    (the self-check); the message names the layer and the likely cause."""

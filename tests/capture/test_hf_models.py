@@ -75,6 +75,9 @@ def check(model, loss_fn, batch, compressor, track=None, rtol=1e-4):
     comps = {l.name: compressor.build(l) for l in layers}
     feats, _ = BatchCapture(model, loss_fn, layers, comps)(batch)
     assert layers
+    zero = [l.name for l in layers if not comps[l.name].from_flat(loop_grads(model, loss_fn, batch, l.param_names)).abs().max() > 0]
+    assert len(zero) < len(layers), "the reference is all zeros: the comparison would be vacuous"
+    check.zero_layers = zero
     for l in layers:
         ref = loop_grads(model, loss_fn, batch, l.param_names)
         want = comps[l.name].from_flat(ref)
@@ -153,6 +156,9 @@ def test_gradient_checkpointing(reentrant):
     model.train()  # HF checkpoints only in training mode; this model has no dropout
     batch = padded_batch([5, 3, 6], seed=2)
     check(model, lm_loss, batch, Dropout(r=60, seed=1), track=None)
+    # every layer inside the checkpointed blocks has a non-zero reference gradient (re-entrant
+    # checkpointing once hid them from autograd.grad, giving all-zero features on both sides)
+    assert check.zero_layers == []
 
 
 def test_capture_leaves_model_untouched():
@@ -176,3 +182,19 @@ def test_logra_on_conv1d_and_embedding_matches_dense():
     batch = padded_batch([5, 4, 3], seed=6)
     check(model, lm_loss, batch, LoGra(r_in=3, r_out=2, seed=0), track=["transformer.h.0.attn.c_attn",
                                                                          "transformer.wpe"])
+
+
+def test_peft_seq_cls_with_head_in_modules_to_save_default_track():
+    """peft's standard classifier: LoRA on q/v and a trainable head kept in modules_to_save (a
+    ModulesToSaveWrapper exposing the head's weight). Default track captures LoRA's A/B and the
+    head, each equal to the loop reference."""
+    torch.manual_seed(0)
+    model = bert("eager").double()
+    cfg = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"],
+                          lora_dropout=0.0)
+    model = peft.get_peft_model(model, cfg).eval()
+    names = [l.name for l in select_layers(model)]
+    assert "base_model.model.classifier.modules_to_save.default" in names
+    assert sum("lora_A" in n for n in names) == 4 and sum("lora_B" in n for n in names) == 4
+    batch = padded_batch([5, 3, 6, 2], seed=4, labels=3)
+    check(model, cls_loss, batch, Dropout(r=20, seed=3), track=None)

@@ -1,22 +1,29 @@
 """Capture: one batch in, compressed per-example gradients of every tracked block out.
 
-Fused blocks: a forward hook on each using module keeps the call's input (prepared per module
-type, see capture.modules) and its output y. After the forward,
-``torch.autograd.grad(Σ_b ℓ_b, [y, ...])`` returns the output-gradients δ directly — no
-parameter gradient is computed and no ``.grad`` field is touched — and the block's compressor
-turns every (input, δ) pair into (B, r_l) numbers. Because the batch loss is the *sum* of the
-per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient.
-A module called several times in one forward, or a weight tied between modules, adds up every
-call. A module whose input has leading dimension 1 while the batch has B > 1 (position ids
-shared by the batch and broadcast later) has its output expanded to B rows by the hook — the
-same values, as a view — so that each example's output-gradient stays separate.
+Fused blocks, compressed inside the backward pass: a forward hook on each module that uses a
+tracked weight keeps the call's input and registers a tensor hook on the call's *output*. During
+the backward, that hook receives the output-gradient δ of this call — the gradient with respect
+to the output as the module returned it, so an in-place op that follows the layer
+(``ReLU(inplace=True)``) cannot change it — and the block's compressor turns (input, δ) into
+(B, r_l) numbers right there (see capture.modules); the saved input and δ are released at once.
+Because the batch loss is the *sum* of the per-example losses and examples do not interact, δ[b]
+is exactly example b's output-gradient. A module called several times in one forward, or a weight
+tied between modules, adds up every call. The backward itself is ``torch.autograd.grad`` with
+respect to the tracked weights (what a plain backward computes; no ``.grad`` field is touched):
+it also returns the batch gradient that the self-check compares against. Where autograd.grad
+cannot reach a tracked weight — re-entrant gradient checkpointing hides the weights inside a
+segment, and torch refuses or prunes it — capture switches to ``.backward()`` for the session,
+saving and restoring every parameter's ``.grad``.
 
-Gradient checkpointing: the recorded outputs are not enough (re-entrant checkpointing runs the
-first forward without grad and recomputes it during backward), so when a module of the model
-has ``gradient_checkpointing`` on, the hooks instead register a tensor hook on each output and
-the backward is run with respect to the tracked parameters (their gradient is discarded).
+Self-check (first batch of each capture session, and on demand): the sum over the batch of each
+block's compressed entries must equal the same compression of the plain batch gradient. A block
+that differs — its weight used outside the module's call, a term of ``loss_fn`` that depends on
+the parameter directly (weight decay written into the loss), an input modified in place — is
+refused with a CaptureCheckError naming it and the likely cause, instead of giving wrong scores.
 
-Every other tracked block goes through the torch.func fallback with the same compressor.
+Modules whose weights are used without calling the module (``nn.MultiheadAttention.out_proj``)
+are routed to the torch.func fallback at layer selection (capture.layers); every other tracked
+block without a fused hook goes there too, with the same compressor.
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LossShapeError, NonFiniteGradientError
+from ..errors import CaptureCheckError, LossShapeError, NonFiniteGradientError
 from .functional import LossFn, PerExampleGrads, batch_size, flatten_block
 from .layers import LayerSpec
-from .modules import Use, UseSpec, prepare, prepare_delta
+from .modules import Use, prepare, prepare_delta
 
 
 def uses_checkpointing(model: nn.Module) -> bool:
@@ -40,9 +47,19 @@ def uses_checkpointing(model: nn.Module) -> bool:
         return any(m.__dict__.get("gradient_checkpointing", False) is True for m in model.modules())
 
 
+def _reentrant_refusal(exc: RuntimeError) -> bool:
+    """torch's refusal of autograd.grad under re-entrant checkpointing (wording varies by version)."""
+    msg = str(exc)
+    return ".grad()" in msg and ("reentrant" in msg.lower() or "Checkpointing" in msg)
+
+
 class BatchCapture:
+    """``capture(batch)`` → ({block: (B, r_l) float32}, per-example losses (B,)).
+
+    check: "first" (self-check the first batch), "always", or "never"."""
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, layers: list[LayerSpec], compressors: dict,
-                 mode: str = "auto"):
+                 check: str = "first"):
         self.model, self.loss_fn, self.layers, self.compressors = model, loss_fn, layers, compressors
         modules = dict(model.named_modules())
         self.fused = [l for l in layers if l.kind == "fused"]
@@ -50,10 +67,12 @@ class BatchCapture:
         self.func = [l for l in layers if l.kind == "func"]
         names = [n for l in self.func for n in l.param_names]
         self.per_example = PerExampleGrads(model, loss_fn, names) if names else None
-        # decided once per capture session, not per batch (it walks every module)
-        self.tensor_hooks = mode == "tensor-hooks" or (mode == "auto" and uses_checkpointing(model))
         pm = dict(model.named_parameters(remove_duplicate=False))
-        self.fused_params = [pm[n] for l in self.fused for n in l.param_names]
+        self.fused_names = [n for l in self.fused for n in l.param_names]
+        self.fused_params = [pm[n] for n in self.fused_names]
+        self.check = check
+        self._checked = False
+        self._backward_mode = "grad"        # "backward" once re-entrant checkpointing refused .grad()
 
     def _losses(self, batch) -> torch.Tensor:
         losses = self.loss_fn(self.model, batch)
@@ -64,90 +83,188 @@ class BatchCapture:
                 f"Use reduction='none' (and sum over tokens per example for sequence losses).")
         return losses
 
-    def _run(self, batch) -> tuple[list[tuple[LayerSpec, UseSpec, torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Forward + backward; returns [(block, use, prepared input, output-grad)] and the losses."""
-        tensor_hooks = self.tensor_hooks
-        records: list = []
-        done: list = []
+    def _run(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], set]:
+        """Forward + backward with the compressing hooks. Returns ({block: (B, r)} for the blocks
+        whose hooks fired, losses, {param name: batch gradient}, names of modules that fired)."""
+        acc: dict[str, torch.Tensor] = {}
+        fired: set[str] = set()
+        problems: list[str] = []
         handles = []
-
         try:
             B = batch_size(batch)
         except TypeError:
             B = None
 
-        def make_hook(block: LayerSpec, use: UseSpec):
+        def make_hook(block: LayerSpec, use):
+            comp = self.compressors[block.name]
+
             def hook(mod, inputs, output):
                 if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                     return None
-                x = inputs[0].detach()
+                src = inputs[0]
+                version = src._version
+                x = src.detach()
                 if B is not None and B > 1 and x.shape[0] == 1:
                     # shared across the batch and broadcast later (e.g. position ids of shape
                     # (1, T)): expand so that each example's output-gradient stays separate
                     x = x.expand(B, *x.shape[1:])
                     output = output.expand(B, *output.shape[1:])
-                a = prepare(use, x, x.shape[0])
-                if tensor_hooks:
-                    output.register_hook(lambda g, a=a: done.append((block, use, a, g.detach())))
-                else:
-                    records.append((block, use, a, output))
+                saved = [x]
+
+                def on_grad(g):
+                    if not saved:
+                        return None
+                    xx = saved.pop()            # released as soon as this call is compressed
+                    if src._version != version:
+                        problems.append(f"the input of module {use.module!r} was modified in place after "
+                                        f"the call (version {version} → {src._version})")
+                        return None
+                    n = xx.shape[0]
+                    a = prepare(use, xx, n)
+                    d3 = prepare_delta(use, g.detach(), n)
+                    val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
+                    acc[block.name] = val if block.name not in acc else acc[block.name] + val
+                    fired.add(use.module)
+                    return None
+
+                output.register_hook(on_grad)
                 return output
             return hook
 
+        grads: dict[str, torch.Tensor] = {}
         try:
             for block, use, mod in self.hooked:
                 handles.append(mod.register_forward_hook(make_hook(block, use)))
             with torch.enable_grad():
                 losses = self._losses(batch)
-                if tensor_hooks and self.fused_params:
-                    torch.autograd.grad(losses.sum(), self.fused_params, allow_unused=True)
-                elif records:
-                    outs = [r[3] for r in records]
-                    deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-                    done = [(b, u, a, torch.zeros_like(y) if d is None else d.detach())
-                            for (b, u, a, y), d in zip(records, deltas)]
+                if self.fused_params:
+                    grads = self._backward(losses)
         finally:
             for h in handles:
                 h.remove()
-        return done, losses
+        if problems:
+            raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
+                                    "avoid the in-place op (or clone the input) for tracked modules.")
+        return acc, losses, grads, fired
 
-    def __call__(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _backward(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        total = losses.sum()
+        if self._backward_mode == "grad":
+            try:
+                gs = torch.autograd.grad(total, self.fused_params, allow_unused=True)
+                if any(g is None for g in gs):
+                    # a tracked weight the graph does not reach: unused this batch, or hidden inside a
+                    # re-entrant checkpoint segment that autograd.grad prunes (its hooks never run).
+                    # .backward() runs every node, so the batch is redone that way from now on.
+                    self._backward_mode = "backward"
+                    raise _Retry()
+                return dict(zip(self.fused_names, gs))
+            except RuntimeError as exc:
+                if not _reentrant_refusal(exc):
+                    raise
+                self._backward_mode = "backward"
+                warnings.warn("re-entrant gradient checkpointing refuses torch.autograd.grad; capturing with "
+                              ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=4)
+                # the first backward already ran the hooks for nothing: the caller retries
+                raise _Retry() from exc
+        # re-entrant checkpointing: .backward(), with every .grad saved and restored around it
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        old = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            total.backward()
+            by_id = {id(p): p.grad for p in params}
+            return {n: by_id[id(p)] for n, p in zip(self.fused_names, self.fused_params) if by_id.get(id(p)) is not None}
+        finally:
+            for p, g in zip(params, old):
+                p.grad = g
+
+    def __call__(self, batch: Any, check: bool | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Returns ({block name: (B, r_l) float32}, per-example losses (B,))."""
-        done, losses = self._run(batch)
+        try:
+            acc, losses, grads, fired = self._run(batch)
+        except _Retry:
+            acc, losses, grads, fired = self._run(batch)
         B = losses.shape[0]
-        uses: dict[str, list[Use]] = {}
-        for block, use, a, d in done:
-            if a.shape[0] != B:
-                raise LossShapeError(
-                    f"module {use.module!r} saw an input with leading dimension {a.shape[0]} but "
-                    f"loss_fn returned {B} losses; the fused capture needs batch-first inputs.")
-            d3 = prepare_delta(use, d, B)
-            uses.setdefault(block.name, []).append(Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype)))
         feats: dict[str, torch.Tensor] = {}
         for block in self.fused:
-            comp = self.compressors[block.name]
-            if block.name in uses:
-                feats[block.name] = comp.from_uses(uses[block.name])
-            else:  # tracked but not reached by this batch: zero gradient
-                feats[block.name] = torch.zeros(B, comp.r, device=losses.device)
+            v = acc.get(block.name)
+            if v is not None and v.shape[0] != B:
+                raise LossShapeError(
+                    f"module {block.uses[0].module!r} saw a batch of {v.shape[0]} rows but loss_fn returned "
+                    f"{B} losses; the fused capture needs batch-first inputs.")
+            # tracked but not reached by this batch: zero gradient (the self-check verifies it is)
+            feats[block.name] = v if v is not None else torch.zeros(B, self.compressors[block.name].r,
+                                                                     device=losses.device)
         if self.per_example is not None:
-            grads = self.per_example(batch)
+            pe = self.per_example(batch)
             for spec in self.func:
-                feats[spec.name] = self.compressors[spec.name].from_flat(flatten_block(grads, spec.param_names))
-        return {l.name: feats[l.name].detach().float() for l in self.layers}, losses.detach()
+                feats[spec.name] = self.compressors[spec.name].from_flat(flatten_block(pe, spec.param_names))
+        out = {l.name: feats[l.name].detach().float() for l in self.layers}
+        do_check = check if check is not None else (self.check == "always" or
+                                                    (self.check == "first" and not self._checked))
+        if do_check and self.fused:
+            self.self_check(out, grads, fired)
+            self._checked = True
+        return out, losses.detach()
+
+    def self_check(self, feats: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], fired: set,
+                   rtol: float = 2e-3) -> None:
+        """Σ_b captured entries == the compressor applied to the plain batch gradient, per fused block."""
+        modules = dict(self.model.named_modules())
+        for block in self.fused:
+            comp = self.compressors[block.name]
+            if any(n not in grads for n in block.param_names):
+                present = {n: grads.get(n) for n in block.param_names}
+                pm = dict(self.model.named_parameters(remove_duplicate=False))
+                for n in block.param_names:
+                    if present[n] is None:
+                        present[n] = torch.zeros_like(pm[n])
+                gsum = flatten_block({n: g.unsqueeze(0) for n, g in present.items()}, block.param_names)
+            else:
+                gsum = flatten_block({n: grads[n].unsqueeze(0) for n in block.param_names}, block.param_names)
+            want = comp.from_flat(gsum.to(feats[block.name].dtype))[0].double()
+            got = feats[block.name].double().sum(0)
+            scale = float(want.abs().max().clamp_min(got.abs().max()))
+            err = float((got - want).abs().max())
+            if err <= rtol * scale + 1e-12:
+                continue
+            mtype = type(modules[block.uses[0].module]).__name__ if block.uses else "?"
+            never = not any(u.module in fired for u in block.uses)
+            if never:
+                cause = (f"its module never ran in the forward while its weight took part in the loss: the "
+                         f"weight is used without calling the module (e.g. nn.MultiheadAttention applies "
+                         f"out_proj functionally). Track it through torch.func with CaptureOptions(fused=False), "
+                         f"or leave it out of track=")
+            else:
+                cause = ("the loss depends on the weight other than through the module's output. Most often a "
+                         "term of loss_fn that uses the parameter directly — weight decay written into the "
+                         "loss (move it out of loss_fn and pass it as damping to the estimator) — or a "
+                         "second, functional use of the weight")
+            raise CaptureCheckError(
+                f"capture self-check failed for layer {block.name!r} ({mtype}): the batch sum of its captured "
+                f"per-example gradient entries differs from the plain batch gradient (max abs error {err:.3g}, "
+                f"scale {scale:.3g}). Likely cause: {cause}. Refusing rather than returning wrong scores.")
+
+
+class _Retry(Exception):
+    """Internal: re-run the batch with .backward() (re-entrant checkpointing)."""
 
 
 def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
-    """(example ids, layer names) whose features hold NaN/inf."""
-    bad_rows = None
-    bad_layers = []
+    """(example ids, layer names) whose features hold NaN/inf — one host sync when all are finite."""
+    if not feats:
+        return [], []
+    flags = torch.stack([torch.isfinite(f).all() for f in feats.values()])
+    if bool(flags.all()):
+        return [], []
+    bad_rows, bad_layers = None, []
     for name, f in feats.items():
         ok = torch.isfinite(f).all(dim=1)
         if not bool(ok.all()):
             bad_layers.append(name)
             bad_rows = ~ok if bad_rows is None else (bad_rows | ~ok)
-    if bad_rows is None:
-        return [], []
     return (torch.nonzero(bad_rows).flatten().cpu() + first_id).tolist(), bad_layers
 
 

@@ -73,13 +73,27 @@ def _fused_parts(name: str, module: nn.Module):
     return kind, module.weight, (bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None)
 
 
+def functional_users(model: nn.Module) -> dict[str, str]:
+    """Modules whose weight the model applies without calling the module, mapped to the reason:
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside F.multi_head_attention_forward, so
+    a hook on out_proj never fires. These blocks go through the torch.func fallback."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            for child, _ in m.named_children():
+                out[f"{name}.{child}" if name else child] = "nn.MultiheadAttention applies it functionally"
+    return out
+
+
 def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[LayerSpec]:
     modules = dict(model.named_modules())
+    functional = functional_users(model)
     pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    # every module using each weight Parameter (tied weights have several)
+    # every module *registering* each weight Parameter (tied weights have several). Wrappers that
+    # only expose a child's weight as an attribute (peft's ModulesToSaveWrapper) are not users.
     users: dict[int, list[str]] = {}
     for n, m in modules.items():
-        w = getattr(m, "weight", None)
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
         if isinstance(w, nn.Parameter):
             users.setdefault(id(w), []).append(n)
     blocks: list[dict] = []
@@ -100,7 +114,7 @@ def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[Layer
         own = _own_trainable(m)
         if not own or n in placed:
             continue
-        parts = _fused_parts(n, m) if fused else None
+        parts = _fused_parts(n, m) if fused and n not in functional else None
         if parts is None:
             prefix = f"{n}." if n else ""
             blocks.append({"name": n, "kind": "func", "params": [(prefix + k, tuple(p.shape)) for k, p in own],
