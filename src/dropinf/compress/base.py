@@ -31,7 +31,8 @@ def layer_seed(seed: int, layer_name: str, salt: int = 0) -> int:
 
 
 def resolve_r(r: RSpec, layer: LayerSpec) -> int:
-    """r for one layer: an int, or a dict {name or glob pattern: int} (first match wins)."""
+    """r for one layer: an int, or a dict {name or glob pattern: int}: an exact name wins, then the
+    first matching glob pattern, then "*"."""
     import fnmatch
 
     if isinstance(r, bool) or not isinstance(r, (int, dict)):
@@ -39,11 +40,12 @@ def resolve_r(r: RSpec, layer: LayerSpec) -> int:
     if isinstance(r, int):
         value = r
     else:
-        value = None
-        for key, v in r.items():
-            if key == layer.name or fnmatch.fnmatchcase(layer.name, key) or key == "*":
-                value = v
-                break
+        # an exact name beats a glob pattern (the first matching one), which beats "*"
+        value = r.get(layer.name)
+        if value is None:
+            value = next((v for key, v in r.items() if key != "*" and fnmatch.fnmatchcase(layer.name, key)), None)
+        if value is None:
+            value = r.get("*")
         if value is None:
             raise ConfigError(f"r has no entry for tracked layer {layer.name!r}; keys: {list(r)}. "
                               f"Add it or a pattern such as '*' as a default.")
