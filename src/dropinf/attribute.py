@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout
-from .errors import ConfigError, EmptyDataError
+from .errors import ConfigError, EmptyDataError, LossShapeError
 from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.preconditioner import estimator_signature
 from .score.blockwise import TopK
@@ -173,22 +173,35 @@ class Attributor:
         return _to(batch, self.device)
 
     def compute_features(self, loader: Iterable, desc: str = "features") -> Features:
-        """Compressed per-example gradients of every example the loader yields, in order."""
+        """Compressed per-example gradients of every example the loader yields, as rows in
+        increasing dataset-id order (``Features.ids``): a shuffled loader or a collate function that
+        drops examples gives rows keyed by their dataset index, never misaligned ones. Loaders that
+        are not DataLoaders over map-style datasets number their examples 0, 1, ... in order."""
+        from .store.ids import check_unique, indexed_loader
         capture = BatchCapture(self.model, self.loss_fn, self.layers, self.compressors)
         total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
+        indexed = indexed_loader(loader)
         # preallocate when the size is known, so the features are never held twice (list + cat)
         out = ({l.name: torch.empty(total, self.compressors[l.name].r) for l in self.layers}
                if total else None)
         parts: dict[str, list[torch.Tensor]] = {l.name: [] for l in self.layers}
-        losses, n, filled, bad_ids, bad_layers = [], 0, 0, [], set()
+        losses, id_parts, n, filled, bad_ids, bad_layers = [], [], 0, 0, [], set()
         with self._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not self.progress) as bar:
-            for batch in loader:
+            for item in (indexed if indexed is not None else loader):
+                ids, batch = item if indexed is not None else (None, item)
+                if batch is None:          # the collate function dropped every example of this batch
+                    continue
                 batch = _to(batch, self.device)
                 feats, loss = capture(batch)
-                ids, lays = nonfinite(feats, n)
-                bad_ids += ids
-                bad_layers.update(lays)
                 b = loss.shape[0]
+                if ids is None:
+                    ids = torch.arange(n, n + b)
+                elif ids.numel() != b:
+                    raise LossShapeError(f"loss_fn returned {b} losses for a batch of {ids.numel()} examples "
+                                         f"(dataset ids {ids[:8].tolist()}...); it must return one per example.")
+                bad, lays = nonfinite(feats, 0)
+                bad_ids += ids[bad].tolist() if bad else []
+                bad_layers.update(lays)
                 fits = out is not None and n + b <= total and not any(parts.values())
                 for k, v in feats.items():
                     if fits:
@@ -197,6 +210,7 @@ class Attributor:
                         parts[k].append(v.cpu())
                 filled += b if fits else 0
                 losses.append(loss.cpu())
+                id_parts.append(ids.cpu())
                 n += b
                 bar.update(b)
         raise_nonfinite(bad_ids, sorted(bad_layers))
@@ -204,11 +218,16 @@ class Attributor:
             raise EmptyDataError(f"the {desc} loader yielded no examples; pass a non-empty DataLoader.")
         if out is not None and n == total and not any(parts.values()):
             data = out
-        else:  # loader length unknown or not what the dataset claimed
+        else:  # rows dropped by the collate function, or a loader longer than its dataset claims
             data = {k: torch.cat(([out[k][:filled]] if out is not None else []) + v) for k, v in parts.items()}
+        ids, loss_all = torch.cat(id_parts), torch.cat(losses)
+        check_unique(ids)
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):    # a shuffled loader: dataset order
+            order = torch.argsort(ids)
+            data, ids, loss_all = {k: v[order] for k, v in data.items()}, ids[order], loss_all[order]
         dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
               for l in self.layers}
-        return Features(data, self.signature(), torch.cat(losses), dd)
+        return Features(data, self.signature(), loss_all, dd, ids)
 
     def featurize(self, train_loader: Iterable, store: str | Path | None = None, chunk_size: int = 4096,
                   dtype: str = "float32"):
@@ -224,7 +243,7 @@ class Attributor:
         if store is not None:
             from .store.build import featurize_to_store
             self.store = featurize_to_store(self, train_loader, store, chunk_size, dtype)
-            self.train_features = None
+            self.train_features, self._store_ids = None, None
             self.fit()
             return self.store
         self.store = None
@@ -282,7 +301,7 @@ class Attributor:
                    track=[l["name"] for l in sig["layers"]], options=opts, progress=progress,
                    score_options=score_options)
         check_compatible(Features({}, attr.signature()), Features({}, sig))
-        attr.store = st
+        attr.store, attr._store_ids = st, None
         attr._train_loader = train_loader
         attr.fit()
         return attr
@@ -375,12 +394,24 @@ class Attributor:
     def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none",
              options: ScoreOptions | None = None) -> TopK:
         """The k most helpful (most negative I) and most harmful (most positive I) train examples
-        per query, without holding the (n_query, n_train) matrix."""
+        per query, as dataset ids (``train_ids``), without holding the (n_query, n_train) matrix."""
         if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before topk(query)")
         if k < 1:
             raise ConfigError("k must be ≥ 1")
-        return self._scorer(options).topk(self._query(query, reduce), k)
+        top = self._scorer(options).topk(self._query(query, reduce), k)
+        ids = self.train_ids.numpy()
+        return TopK(ids[top.helpful_idx], top.helpful_scores, ids[top.harmful_idx], top.harmful_scores)
+
+    @property
+    def train_ids(self) -> torch.Tensor:
+        """(n_train,) dataset index of each score column (increasing; examples a collate function
+        dropped are absent)."""
+        if self.store is not None:
+            if getattr(self, "_store_ids", None) is None:
+                self._store_ids = self.store.ids()
+            return self._store_ids
+        return self.train_source.row_ids()
 
     def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
         """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)

@@ -159,7 +159,7 @@ def test_topk_and_mean_query_through_the_same_scorer(tmp_path):
     # a store of query features is a query source too (for more queries than fit in memory)
     qattr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
     qstore = qattr.featurize(query, store=tmp_path / "q", chunk_size=6)
-    np.testing.assert_allclose(attr.score(qstore), dense, rtol=1e-5, atol=1e-7 * np.abs(dense).max())
+    np.testing.assert_allclose(attr.score(qstore), dense, rtol=1e-4, atol=1e-6 * np.abs(dense).max())
 
 
 def test_score_out_of_the_wrong_shape_is_refused(tmp_path):

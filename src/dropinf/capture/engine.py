@@ -272,5 +272,5 @@ def raise_nonfinite(ids: list[int], bad_layers: list[str]) -> None:
     if ids:
         raise NonFiniteGradientError(
             f"NaN/inf in the gradients of example ids {ids[:20]}{' ...' if len(ids) > 20 else ''} "
-            f"(ids count examples in loader order from 0), layers {bad_layers[:5]}. Check those "
+            f"(dataset indices), layers {bad_layers[:5]}. Check those "
             f"examples' inputs/labels and that the loss is finite there (e.g. log(0)).")

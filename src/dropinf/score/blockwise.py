@@ -12,8 +12,8 @@ import torch
 @dataclass
 class TopK:
     """Per query: the k most helpful (most negative I) and most harmful (most positive I) train
-    examples. Index arrays (n_query, k) int64, score arrays (n_query, k) float32, ordered from
-    the most extreme."""
+    examples. Index arrays (n_query, k) int64 — dataset ids when returned by Attributor.topk —
+    score arrays (n_query, k) float32, ordered from the most extreme."""
 
     helpful_idx: np.ndarray
     helpful_scores: np.ndarray

@@ -1,8 +1,9 @@
 """Featurize into an on-disk store: chunk by chunk, resumable, optionally over torch.distributed.
 
-Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = rows [kC, (k+1)C)),
-each through its own loader over ``Subset(dataset, rows)`` with the user's batch size and
-collate function, so a chunk's bytes do not depend on which process computed it or whether the
+Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = dataset rows
+[kC, (k+1)C)), each through its own loader over those rows with the user's batch size and
+collate function (examples the collate function drops are left out and the chunk records the
+dataset ids it holds), so a chunk's bytes do not depend on which process computed it or whether the
 run was interrupted before. Under ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on GPU)
 rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a barrier.
 """
@@ -10,13 +11,14 @@ rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a ba
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, SequentialSampler, Subset
+from torch.utils.data import SequentialSampler
 from tqdm.auto import tqdm
 
 from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from ..dist import barrier as _barrier, dist_info
-from ..errors import ConfigError, EmptyDataError
+from ..errors import ConfigError, EmptyDataError, LossShapeError
 from .disk import FeatureStore, LayerCols
+from .ids import chunk_loader
 
 
 def check_loader(loader) -> None:
@@ -56,19 +58,26 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     with attr._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not attr.progress) as bar:
         for k in todo:
             start, stop = store.rows(k)
-            sub = DataLoader(Subset(ds, range(start, stop)), batch_size=loader.batch_size,
-                             collate_fn=loader.collate_fn, num_workers=loader.num_workers)
             block = torch.empty(stop - start, store.width)
-            pos = 0
-            for batch in sub:
+            kept, pos = [], 0
+            for ids, batch in chunk_loader(loader, start, stop):
+                if batch is None:          # the collate function dropped every example of this batch
+                    continue
                 feats, loss = capture(attr._batch_to_device(batch))
-                raise_nonfinite(*nonfinite(feats, start + pos))
                 b = loss.shape[0]
+                if b != ids.numel():
+                    raise LossShapeError(f"loss_fn returned {b} losses for a batch of {ids.numel()} examples; it "
+                                         f"must return one per example.")
+                bad, lays = nonfinite(feats, 0)
+                raise_nonfinite(ids[bad].tolist() if bad else [], lays)
                 for l in layers:
                     block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
+                kept.append(ids)
                 pos += b
                 bar.update(b)
-            store.write_chunk(k, block)
+            ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+            # rows a collate function dropped are absent; the chunk records which ids it holds
+            store.write_chunk(k, block[:pos], None if pos == stop - start else ids)
     _barrier(world)
     if rank == 0:
         store.finalize()

@@ -96,8 +96,14 @@ class FeatureStore:
         self.path = Path(path)
         self.manifest = manifest
         self.layers = [LayerCols(**l) for l in manifest["layers"]]
-        self.n, self.chunk_size = manifest["n"], manifest["chunk_size"]
+        self.n_examples, self.chunk_size = manifest["n"], manifest["chunk_size"]
         self.n_chunks = manifest["n_chunks"]
+        # rows actually stored per chunk (a collate function may have dropped examples) and where
+        # each chunk starts among the stored rows; known once the store is complete
+        counts = [c.get("n_rows", c["rows"][1] - c["rows"][0]) for c in manifest.get("chunks") or []]
+        self.offsets = [sum(counts[:k]) for k in range(len(counts))] if counts else \
+            [k * self.chunk_size for k in range(self.n_chunks)]
+        self.n = sum(counts) if counts else self.n_examples
         self.width = sum(l.r for l in self.layers)
         self.np_dtype, self.torch_dtype = DTYPES[manifest["dtype"]]
         self._verified: set[int] = set()   # shards whose checksum this open has already checked
@@ -179,7 +185,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ chunks
     def rows(self, k: int) -> tuple[int, int]:
-        return k * self.chunk_size, min((k + 1) * self.chunk_size, self.n)
+        return k * self.chunk_size, min((k + 1) * self.chunk_size, self.n_examples)
 
     def data_path(self, k: int) -> Path:
         return self.path / "chunks" / f"{k:06d}.bin"
@@ -200,11 +206,16 @@ class FeatureStore:
             return False
         return not verify or _checksum_ok(marker, dp)
 
-    def write_chunk(self, k: int, block: torch.Tensor) -> None:
-        """Write rows of chunk k (rows × width, float32 tensor) and then its done-marker."""
+    def ids_path(self, k: int) -> Path:
+        return self.path / "chunks" / f"{k:06d}.ids"
+
+    def write_chunk(self, k: int, block: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write rows of chunk k (rows × width, float32 tensor) and then its done-marker. ``ids``:
+        the dataset ids of the rows when some of the chunk's examples were dropped (None: all)."""
         start, stop = self.rows(k)
-        if block.shape != (stop - start, self.width):
-            raise StoreError(f"chunk {k} expects shape {(stop - start, self.width)}, got {tuple(block.shape)}")
+        rows = stop - start if ids is None else int(ids.numel())
+        if block.shape != (rows, self.width):
+            raise StoreError(f"chunk {k} expects shape {(rows, self.width)}, got {tuple(block.shape)}")
         t = block.to(self.torch_dtype).contiguous()
         arr = t.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else t.numpy()
         dp = self.data_path(k)
@@ -215,8 +226,17 @@ class FeatureStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dp)
-        entry = {"id": k, "rows": [start, stop], "file": f"chunks/{dp.name}", "bytes": dp.stat().st_size,
-                 "crc32c": _crc(buf)}
+        entry = {"id": k, "rows": [start, stop], "n_rows": rows, "file": f"chunks/{dp.name}",
+                 "bytes": dp.stat().st_size, "crc32c": _crc(buf)}
+        if ids is not None:
+            ib = memoryview(np.ascontiguousarray(ids.to(torch.int64).numpy())).cast("B")
+            ip = self.ids_path(k)
+            with open(ip.with_suffix(".ids.tmp"), "wb") as f:
+                f.write(ib)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(ip.with_suffix(".ids.tmp"), ip)
+            entry["ids_crc32c"] = _crc(ib)
         _atomic_write(self.marker_path(k), _dump(entry))
 
     def finalize(self) -> None:
@@ -227,15 +247,16 @@ class FeatureStore:
                 raise StoreError(f"cannot finalize {self.path}: chunk {k} is not done")
             chunks.append(json.loads(self.marker_path(k).read_text()))
         self.manifest["chunks"] = chunks
+        self.manifest["n_rows"] = sum(c.get("n_rows", c["rows"][1] - c["rows"][0]) for c in chunks)
         self.manifest["complete"] = True
         _atomic_write(self.path / "manifest.json", _dump(self.manifest))
 
     def read_chunk(self, k: int, verify: bool = True) -> dict[str, torch.Tensor]:
         """{layer: (rows, r_l) float32 view} for chunk k, checking its size, and its checksum the
         first time this open reads it (``verify=False`` skips that)."""
-        start, stop = self.rows(k)
         dp = self.data_path(k)
-        entry = self.manifest["chunks"][k] if self.manifest.get("chunks") else json.loads(self.marker_path(k).read_text())
+        entry = self._entry(k)
+        rows = entry.get("n_rows", self.rows(k)[1] - self.rows(k)[0])
         if not dp.exists():
             raise StoreError(f"store shard {dp} is missing; rebuild the store (or re-run featurize to resume).")
         size = dp.stat().st_size
@@ -250,13 +271,31 @@ class FeatureStore:
                                  f"Delete {self.marker_path(k).name} and the shard, then re-run featurize to "
                                  f"recompute it.")
             self._verified.add(k)
-        t = torch.from_numpy(arr.reshape(stop - start, self.width))
+        t = torch.from_numpy(arr.reshape(rows, self.width))
         if self.torch_dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
         if t.dtype != torch.float32:
             t = t.float()
-        self.rows_read += stop - start
+        self.rows_read += rows
         return {l.name: t[:, l.offset:l.offset + l.r] for l in self.layers}
+
+    def _entry(self, k: int) -> dict:
+        return self.manifest["chunks"][k] if self.manifest.get("chunks") else json.loads(self.marker_path(k).read_text())
+
+    def ids(self) -> torch.Tensor:
+        """(n,) int64 dataset id of every stored row, in row order."""
+        parts = []
+        for k in range(self.n_chunks):
+            e = self._entry(k)
+            if "ids_crc32c" in e:
+                buf = self.ids_path(k).read_bytes() if self.ids_path(k).exists() else b""
+                if _crc(buf) != e["ids_crc32c"]:
+                    raise StoreError(f"{self.ids_path(k)} is missing or corrupted; rebuild the store (or delete "
+                                     f"{self.marker_path(k).name} and re-run featurize to recompute that chunk).")
+                parts.append(torch.from_numpy(np.frombuffer(buf, dtype=np.int64).copy()))
+            else:
+                parts.append(torch.arange(*self.rows(k)))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def iter_chunks(self, verify: bool = True, part: tuple[int, int] = (0, 1)
                     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -264,12 +303,13 @@ class FeatureStore:
         only the shards k with k % world == rank."""
         rank, world = part
         for k in range(rank, self.n_chunks, world):
-            yield self.rows(k)[0], self.read_chunk(k, verify)
+            yield self.offsets[k], self.read_chunk(k, verify)
 
     def info(self) -> dict:
         m = self.manifest
         done = sum(self.chunk_done(k) for k in range(self.n_chunks))
-        return {"path": str(self.path), "n": self.n, "chunks": f"{done}/{self.n_chunks} done",
+        return {"path": str(self.path), "n": self.n, "n_examples": self.n_examples,
+                "chunks": f"{done}/{self.n_chunks} done",
                 "complete": m["complete"], "dtype": m["dtype"], "chunk_size": self.chunk_size,
                 "compressor": m["signature"].get("compressor"), "model": m["signature"].get("model"),
                 "layers": len(self.layers), "columns": self.width,

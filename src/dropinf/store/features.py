@@ -24,12 +24,18 @@ class Features:
                of the *full* gradient of layer l (paper App. D.1's damping rule): D_l = r_l for
                coordinate sampling (Identity, Dropout), D_l = d_l for norm-preserving random
                projections (Gaussian, LoGra). Missing layers default to r_l.
+    ids:       (n,) int64 dataset index of each row (None: rows 0..n-1)
     """
 
     data: dict[str, torch.Tensor]
     signature: dict
     losses: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     damping_dims: dict[str, int] = field(default_factory=dict)
+    ids: torch.Tensor | None = None
+
+    def row_ids(self) -> torch.Tensor:
+        """(n,) dataset id of every row."""
+        return self.ids if self.ids is not None else torch.arange(self.n)
 
     def damping_dim(self, layer: str) -> int:
         return self.damping_dims.get(layer, self.data[layer].shape[1])
@@ -64,7 +70,8 @@ class Features:
 
     def rows(self, start: int, stop: int) -> "Features":
         return Features({k: v[start:stop] for k, v in self.data.items()}, self.signature,
-                        self.losses[start:stop] if self.losses.numel() else self.losses, self.damping_dims)
+                        self.losses[start:stop] if self.losses.numel() else self.losses, self.damping_dims,
+                        self.ids[start:stop] if self.ids is not None else None)
 
 
 @runtime_checkable
