@@ -1,0 +1,177 @@
+"""Capture overhead (issue 10): fused capture — Dropout entries computed inside the backward
+pass — against one plain batched forward + backward of the same batches, per model, each variant
+in its own process (its own peak memory).
+
+  plain   loss.sum().backward() on every batch (what training does; grads of every trainable
+          parameter), nothing else
+  fused   Attributor.compute_features: the same forward + backward with dropinf's hooks,
+          returning (B, r) per tracked layer (self-check on the first batch included)
+
+Models (real weights and text where the project ships them):
+  mlp       MLP 784-512-256-10, batches of 256, every Linear, r=1024
+  resnet18  torchvision resnet18's layout (dropinf_experiments.models.vision, width 64),
+            3×64×64 images, batches of 32, every Conv2d + Linear, r=1024
+  minilm    all-MiniLM-L6-v2 + LoRA (rank 8, q/v) classifier on tweets, batches of 32 × 40 tokens,
+            default track (LoRA A/B + head), r=64
+  smollm2   SmolLM2-135M, every Linear, batches of 4 × 128 tokens of Wikipedia, r=64
+
+The table gives seconds per batch, peak RSS, and peak RSS over the process's footprint before
+the first batch (model and data loaded) — the memory the pass itself adds — with fused / plain
+ratios. On CUDA (--device cuda) peak memory is torch.cuda.max_memory_allocated.
+Run: python benchmarks/capture_overhead.py [--models mlp,resnet18,minilm,smollm2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import rss_mb  # noqa: E402
+
+SETTINGS = {"mlp": dict(batches=20, r=1024), "resnet18": dict(batches=4, r=1024),
+            "minilm": dict(batches=6, r=64), "smollm2": dict(batches=3, r=64)}
+
+
+def build(name: str):
+    """(model, loss_fn, loader, track)."""
+    import torch
+    from torch import nn
+
+    def ce(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    g = torch.Generator().manual_seed(0)
+    b = SETTINGS[name]["batches"]
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+        ds = torch.utils.data.TensorDataset(torch.randn(256 * b, 784, generator=g), torch.randint(0, 10, (256 * b,), generator=g))
+        return model, ce, torch.utils.data.DataLoader(ds, batch_size=256), None
+    if name == "resnet18":
+        from dropinf_experiments.models.vision import ResNet18
+        model = ResNet18(width=64, classes=10)
+        ds = torch.utils.data.TensorDataset(torch.randn(32 * b, 3, 64, 64, generator=g),
+                                            torch.randint(0, 10, (32 * b,), generator=g))
+        return model, ce, torch.utils.data.DataLoader(ds, batch_size=32), [nn.Conv2d, nn.Linear]
+    if name == "minilm":
+        from dropinf_experiments.data.text import TokenDataset, classifier_loss
+        from dropinf_experiments.data.tweets import load_tweets
+        from dropinf_experiments.models.hf import load_minilm_classifier
+        data = load_tweets()
+        model, tok = load_minilm_classifier(lora_rank=8)
+        ds = TokenDataset(tok, data.texts[:32 * b], data.labels[:32 * b], max_length=40)
+        return model, classifier_loss, ds.loader(32), None
+    from dropinf_experiments.data.text import TokenDataset, lm_loss
+    from dropinf_experiments.data.wiki import load_wiki_paragraphs
+    from dropinf_experiments.models.hf import load_smollm2
+    model, tok = load_smollm2()
+    paras = [p for p in load_wiki_paragraphs() if len(p.split()) > 150][: 4 * b]
+    ds = TokenDataset(tok, paras, max_length=128)
+    return model, lm_loss, ds.loader(4), None
+
+
+def child(name: str, variant: str, device: str) -> dict:
+    import torch
+    from dropinf import Attributor, CaptureOptions, Dropout
+
+    torch.manual_seed(0)
+    model, loss_fn, loader, track = build(name)
+    model = model.to(device).eval()
+    batches = [b for b in loader]
+    cuda = device.startswith("cuda")
+    to = lambda b: {k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else [t.to(device) for t in b]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss, base_gpu = rss_mb(), (torch.cuda.memory_allocated() / 2**20 if cuda else 0.0)
+    out = {}
+    if variant == "plain":
+        t0 = time.perf_counter()
+        for b in batches:
+            loss_fn(model, to(b)).sum().backward()
+            model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    else:
+        attr = Attributor(model, loss_fn, compressor=Dropout(r=SETTINGS[name]["r"], seed=0), track=track,
+                          progress=False, options=CaptureOptions(device=device))
+        out["func_blocks"] = sorted({type(dict(model.named_modules())[l.name]).__name__
+                                     for l in attr.layers if l.kind == "func"})
+        out["blocks"] = len(attr.layers)
+
+        class Batches:   # the same pre-loaded batches, so data loading is not timed on either side
+            def __iter__(self):
+                return iter(batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            feats = attr.compute_features(Batches())
+            if cuda:
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+        assert all(bool(torch.isfinite(v).all()) for v in feats.data.values())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb()
+    out.update(seconds=secs, per_batch_s=secs / len(batches), peak_mb=peak,
+               extra_mb=peak - (base_gpu if cuda else base_rss), batches=len(batches))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mlp,resnet18,minilm,smollm2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the fastest is kept")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    import torch
+    torch.set_num_threads(a.threads)
+    if a.child:
+        print(json.dumps(child(a.child, a.variant, a.device)))
+        return
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results = {}
+    for rep in range(a.repeats):
+        for name in a.models.split(","):
+            for variant in ("plain", "fused"):
+                proc = subprocess.run([sys.executable, __file__, "--child", name, "--variant", variant, "--device",
+                                       a.device, "--threads", str(a.threads)], capture_output=True, text=True, env=env)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    r = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:120]}
+                else:
+                    r = json.loads(lines[-1])
+                old = results.get((name, variant))
+                if old is None or ("error" not in r and ("error" in old or r["seconds"] < old["seconds"])):
+                    results[(name, variant)] = r
+                print(f"  {name} {variant}: " + (r["error"] if "error" in r else
+                                                 f"{r['per_batch_s']:.3f} s/batch, peak {r['peak_mb']:.0f} MB, "
+                                                 f"+{r['extra_mb']:.0f} MB"), flush=True)
+    mem = "GPU max allocated" if a.device.startswith("cuda") else "RSS"
+    print(f"\ndevice {a.device}, {a.threads} threads; peak = {mem}; '+MB' = peak over the footprint before the "
+          f"first batch (model and data loaded)")
+    print(f"\n| model | plain s/batch | fused s/batch | time fused/plain | plain peak MB (+MB) | fused peak MB (+MB) "
+          f"| peak fused/plain | +MB fused/plain | blocks | via torch.func |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in a.models.split(","):
+        pl, fu = results.get((name, "plain"), {}), results.get((name, "fused"), {})
+        if "error" in pl or "error" in fu or not pl or not fu:
+            print(f"| {name} | {pl.get('error', '')} | {fu.get('error', '')} | | | | | | | |")
+            continue
+        print(f"| {name} | {pl['per_batch_s']:.3f} | {fu['per_batch_s']:.3f} | {fu['seconds'] / pl['seconds']:.2f}x | "
+              f"{pl['peak_mb']:.0f} (+{pl['extra_mb']:.0f}) | {fu['peak_mb']:.0f} (+{fu['extra_mb']:.0f}) | "
+              f"{fu['peak_mb'] / pl['peak_mb']:.2f}x | {fu['extra_mb'] / max(pl['extra_mb'], 1):.2f}x | "
+              f"{fu['blocks']} | {', '.join(fu['func_blocks']) or 'none'} |")
+
+
+if __name__ == "__main__":
+    main()
