@@ -4,8 +4,9 @@ in its own process (its own peak memory).
 
   plain   loss.sum().backward() on every batch (what training does; grads of every trainable
           parameter), nothing else
-  fused   Attributor.compute_features: the same forward + backward with dropinf's hooks,
-          returning (B, r) per tracked layer (self-check on the first batch included)
+  fused   dropinf's capture (BatchCapture, what featurize runs per batch): the same forward +
+          backward with the compressing hooks, returning (B, r) per tracked layer (self-check on
+          the first batch included); the rows are dropped as a store would write them out
 
 Models (real weights and text where the project ships them):
   mlp       MLP 784-512-256-10, batches of 256, every Linear, r=1024
@@ -107,17 +108,17 @@ def child(name: str, variant: str, device: str) -> dict:
                                      for l in attr.layers if l.kind == "func"})
         out["blocks"] = len(attr.layers)
 
-        class Batches:   # the same pre-loaded batches, so data loading is not timed on either side
-            def __iter__(self):
-                return iter(batches)
+        from dropinf.capture.engine import BatchCapture
+        capture = BatchCapture(model, loss_fn, attr.layers, attr.compressors)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            feats = attr.compute_features(Batches())
+            for b in batches:          # each batch's (B, r) rows are produced, then dropped (as stored)
+                feats, _ = capture(to(b))
             if cuda:
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
-        assert all(bool(torch.isfinite(v).all()) for v in feats.data.values())
+        assert all(bool(torch.isfinite(v).all()) for v in feats.values())
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb()
     out.update(seconds=secs, per_batch_s=secs / len(batches), peak_mb=peak,
                extra_mb=peak - (base_gpu if cuda else base_rss), batches=len(batches))

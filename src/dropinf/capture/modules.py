@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _CHUNK_ELEMS = 1 << 24  # cap on B*T*r elements gathered at once
+_BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
 
 
 def _conv1d_type():
@@ -90,30 +91,57 @@ class Use:
         key = (s.module, "maps")
         if key not in maps:
             maps[key] = _index_maps(s, idx, self.a.device)
-        w_pos, rows_o, cols_k, bias_pos, bias_o = maps[key]
+        w_pos, rows_o, cols_k, bias_pos, bias_o, plan = maps[key]
         B = self.a.shape[0]
+        w = self._weight_entries(rows_o, cols_k, plan) if w_pos.numel() else None
+        b = self.d[:, :, bias_o].sum(1) if bias_pos.numel() else None
+        if plan["prefix"]:        # sorted indices: the weight entries first, then the bias entries
+            parts = [t for t in (w, b) if t is not None]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         out = torch.zeros(B, idx.numel(), device=self.d.device, dtype=self.d.dtype)
-        if w_pos.numel():
-            out[:, w_pos] = self._weight_entries(rows_o, cols_k)
-        if bias_pos.numel():
-            out[:, bias_pos] = self.d[:, :, bias_o].sum(1)
+        if w is not None:
+            out[:, w_pos] = w
+        if b is not None:
+            out[:, bias_pos] = b
         return out
 
-    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Σ_t δ_t[o_s] · a_t[k_s] for output index o_s and input index k_s of each sample s."""
+    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor, plan: dict) -> torch.Tensor:
+        """Σ_t δ_t[o_s] · a_t[k_s] for output index o_s and input index k_s of each sample s.
+
+        Two ways, chosen per layer by cost: gather the r (o, k) columns of δ and a and sum their
+        products over t (O(B·T·r) memory traffic), or — when T is large and the kept entries
+        fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
+        over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather."""
         a, d = self.a, self.d
         B, T = d.shape[0], d.shape[1]
+        if self.spec.kind == "embedding":   # a holds token ids; in-index = token, out = dim
+            step = max(1, _CHUNK_ELEMS // max(1, B * T))
+            parts = []
+            for s0 in range(0, o.numel(), step):
+                oo, kk = o[s0:s0 + step], k[s0:s0 + step]
+                hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
+                parts.append((hit * d[:, :, oo]).sum(1))
+            return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+        if T == 1:
+            return d[:, 0].index_select(1, o) * a[:, 0].index_select(1, k)
+        # channel-first (B, C, T) when that is the contiguous layout (conv: unfolded patches and
+        # δ are stored that way), so that gathering channels copies whole rows
+        d_cf, a_cf = d.transpose(1, 2), a.transpose(1, 2)
+        cf = d_cf.is_contiguous() and a_cf.is_contiguous()
+        if plan["uo"].numel() * plan["uk"].numel() <= _BMM_RATIO * o.numel():
+            if cf:
+                sub = torch.bmm(d_cf.index_select(1, plan["uo"]), a_cf.index_select(1, plan["uk"]).transpose(1, 2))
+            else:
+                sub = torch.bmm(d.index_select(2, plan["uo"]).transpose(1, 2), a.index_select(2, plan["uk"]))
+            return sub.reshape(B, -1).index_select(1, plan["flat"])
         step = max(1, _CHUNK_ELEMS // max(1, B * T))
         parts = []
         for s0 in range(0, o.numel(), step):
             oo, kk = o[s0:s0 + step], k[s0:s0 + step]
-            if self.spec.kind == "embedding":   # a holds token ids; in-index = token, out = dim
-                hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
-                parts.append((hit * d[:, :, oo]).sum(1))
-            elif T == 1:
-                parts.append(d[:, 0, oo] * a[:, 0, kk])
+            if cf:
+                parts.append((d_cf.index_select(1, oo) * a_cf.index_select(1, kk)).sum(-1))
             else:
-                parts.append(torch.einsum("btr,btr->br", d[:, :, oo], a[:, :, kk]))
+                parts.append(torch.einsum("btr,btr->br", d.index_select(2, oo), a.index_select(2, kk)))
         return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
 
     def full(self, dim: int) -> torch.Tensor:
@@ -183,7 +211,13 @@ def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
         bias_o = idx[in_b] - s.bias_at
     else:
         bias_pos = bias_o = torch.zeros(0, dtype=torch.long, device=device)
-    return w_pos, o, k, bias_pos, bias_o
+    uo, o_inv = torch.unique(o, return_inverse=True)
+    uk, k_inv = torch.unique(k, return_inverse=True)
+    n_w, n_b = w_pos.numel(), bias_pos.numel()
+    prefix = bool((w_pos == torch.arange(n_w, device=device)).all()) and \
+        bool((bias_pos == torch.arange(n_w, n_w + n_b, device=device)).all()) and n_w + n_b == idx.numel()
+    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix}
+    return w_pos, o, k, bias_pos, bias_o, plan
 
 
 def prepare(spec: UseSpec, inp: torch.Tensor, B: int) -> torch.Tensor:
