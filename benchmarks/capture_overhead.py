@@ -5,8 +5,9 @@ in its own process (its own peak memory).
   plain   loss.sum().backward() on every batch (what training does; grads of every trainable
           parameter), nothing else
   fused   dropinf's capture (BatchCapture, what featurize runs per batch): the same forward +
-          backward with the compressing hooks, returning (B, r) per tracked layer (self-check on
-          the first batch included); the rows are dropped as a store would write them out
+          backward with the compressing hooks, returning (B, r) per tracked layer; the rows are
+          dropped as a store would write them out. Both sides run one untimed warm-up batch first
+          (on the fused side that is where the self-check runs).
 
 Models (real weights and text where the project ships them):
   mlp       MLP 784-512-256-10, batches of 256, every Linear, r=1024
@@ -36,8 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import rss_mb  # noqa: E402
 
-SETTINGS = {"mlp": dict(batches=20, r=1024), "resnet18": dict(batches=4, r=1024),
-            "minilm": dict(batches=6, r=64), "smollm2": dict(batches=3, r=64)}
+SETTINGS = {"mlp": dict(batches=40, r=1024), "resnet18": dict(batches=6, r=1024),
+            "minilm": dict(batches=8, r=64), "smollm2": dict(batches=3, r=64)}
 
 
 def build(name: str):
@@ -94,6 +95,8 @@ def child(name: str, variant: str, device: str) -> dict:
     base_rss, base_gpu = rss_mb(), (torch.cuda.memory_allocated() / 2**20 if cuda else 0.0)
     out = {}
     if variant == "plain":
+        loss_fn(model, to(batches[0])).sum().backward()       # warm-up, as the fused side's first batch
+        model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for b in batches:
             loss_fn(model, to(b)).sum().backward()
@@ -112,6 +115,7 @@ def child(name: str, variant: str, device: str) -> dict:
         capture = BatchCapture(model, loss_fn, attr.layers, attr.compressors)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            capture(to(batches[0]))                        # warm-up (and the first-batch self-check)
             t0 = time.perf_counter()
             for b in batches:          # each batch's (B, r) rows are produced, then dropped (as stored)
                 feats, _ = capture(to(b))

@@ -66,10 +66,9 @@ def child(v: str, n_train: int, n_query: int, r: int, batch: int) -> None:
     t0 = time.perf_counter()
     attr = Attributor(model, ce_loss, compressor=comp, estimator=est, options=opts, progress=False)
     t1 = time.perf_counter()
-    attr.train_features = attr.compute_features(dl(0, n_train))
+    feats = attr.compute_features(dl(0, n_train))
     t2 = time.perf_counter()
-    attr._train_loader = dl(0, n_train)
-    attr.fit()
+    attr.use_features(feats, train_loader=dl(0, n_train))     # fits the estimator
     scores = attr.score(dl(n_train, n_train + n_query))
     t3 = time.perf_counter()
     assert scores.shape == (n_query, n_train)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CHUNK_ELEMS = 1 << 24  # cap on B*T*r elements gathered at once
+_CHUNK_ELEMS = 1 << 22  # cap on B*T*r elements gathered at once (transient memory)
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
 
 
