@@ -123,11 +123,11 @@ class Attributor:
         self.model, self.loss_fn = model, loss_fn
         self.compressor = compressor if compressor is not None else Dropout()
         self.estimator = estimator if estimator is not None else GaussNewton()
-        self.options = options or CaptureOptions()
-        if isinstance(self.estimator, ExactHessian) and self.options.fused:
+        if options is None and isinstance(self.estimator, ExactHessian):
             # the validation reference: per-example gradients from torch.func, exact whatever the
-            # model or loss_fn does (a regulariser inside loss_fn included)
-            self.options = dataclasses.replace(self.options, fused=False)
+            # model or loss_fn does (a regulariser inside loss_fn included), unless options say otherwise
+            options = CaptureOptions(fused=False)
+        self.options = options or CaptureOptions()
         self.progress = progress
         self.layers = select_layers(model, track, fused=self.options.fused)
         slow = [l.name for l in self.layers if l.kind == "func"]
@@ -266,7 +266,7 @@ class Attributor:
             c = self.compressors[l.name]
             data[l.name] = c.from_flat(full.data[l.name]).float()
             dims[l.name] = int(getattr(c, "damping_dim", c.r))
-        return Features(data, self.signature(), full.losses, dims)
+        return Features(data, self.signature(), full.losses, dims, full.ids)
 
     def use_features(self, train: Features, train_loader: Iterable | None = None) -> "Attributor":
         """Adopt precomputed train features (from ``compute_features`` or ``derive_features``) and

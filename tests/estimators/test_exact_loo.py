@@ -74,7 +74,7 @@ def influence(problem, estimator, fused=True):
     model, xt, yt, xq, yq = problem
     dl = lambda x, y: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
     attr = Attributor(model, loss_fn, compressor=Identity(), estimator=estimator, progress=False,
-                      options=CaptureOptions(fused=fused))
+                      options=None if fused else CaptureOptions(fused=False))    # ExactHessian: torch.func
     attr.featurize(dl(xt, yt))
     return attr.score(dl(xq, yq))[0]
 

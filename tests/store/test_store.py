@@ -185,3 +185,32 @@ def test_each_shard_is_checksummed_once_per_open(tmp_path, monkeypatch):
     for _ in range(3):
         list(st.iter_chunks())
     assert len(calls) == st.n_chunks == 5
+
+
+def test_from_store_with_exact_hessian_needs_and_uses_the_train_loader(tmp_path):
+    from dropinf import ConfigError, ExactHessian, Identity
+    t, train, query = task()
+    Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False).featurize(
+        train, store=tmp_path / "s", chunk_size=100)
+    with pytest.raises(ConfigError, match="train_loader"):
+        Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=ExactHessian(damping=0.1),
+                              progress=False)
+    exact = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=ExactHessian(damping=0.1),
+                                  progress=False, train_loader=train)
+    mem = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=ExactHessian(damping=0.1),
+                     progress=False)
+    mem.featurize(train)                        # torch.func features: the same numbers as the fused store
+    want = mem.score(query)
+    np.testing.assert_allclose(exact.score(query), want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_derive_features_keeps_ids_and_equals_fused_capture():
+    from dropinf import Identity
+    t, train, query = task()
+    full = Attributor(t["model"], t["loss_fn"], compressor=Identity(), progress=False).compute_features(train)
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=5), progress=False)
+    derived = attr.derive_features(full)
+    fused = attr.compute_features(train)
+    assert derived.ids.tolist() == fused.ids.tolist() == list(range(230))
+    for name in fused.layer_names():
+        torch.testing.assert_close(derived.data[name], fused.data[name], rtol=1e-5, atol=1e-7)
