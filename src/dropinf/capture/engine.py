@@ -224,11 +224,12 @@ class BatchCapture:
                 gsum = flatten_block({n: g.unsqueeze(0) for n, g in present.items()}, block.param_names)
             else:
                 gsum = flatten_block({n: grads[n].unsqueeze(0) for n in block.param_names}, block.param_names)
+            low = gsum.dtype in (torch.float16, torch.bfloat16)   # half-precision models: looser check
             want = comp.from_flat(gsum.to(feats[block.name].dtype))[0].double()
             got = feats[block.name].double().sum(0)
             scale = float(want.abs().max().clamp_min(got.abs().max()))
             err = float((got - want).abs().max())
-            if err <= rtol * scale + 1e-12:
+            if err <= (5e-2 if low else rtol) * scale + 1e-12:
                 continue
             mtype = type(modules[block.uses[0].module]).__name__ if block.uses else "?"
             never = not any(u.module in fired for u in block.uses)
