@@ -121,3 +121,26 @@ def test_loader_yielding_more_than_dataset_length_keeps_every_row():
     assert feats.n == 48
     for k in ref.data:
         assert torch.equal(feats.data[k], ref.data[k])
+
+
+def test_cli_paths_give_messages_not_tracebacks(tmp_path):
+    """`--store` naming a file, `score --out` into a missing folder, `info | head` (broken pipe)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dropinf", *a], cwd=root, capture_output=True, text=True,
+                                    timeout=300)
+    afile = tmp_path / "not-a-store.txt"
+    afile.write_text("x")
+    res = run("info", str(afile))
+    assert res.returncode == 2 and "is a file, not a store folder" in res.stderr and "Traceback" not in res.stderr
+    store = tmp_path / "s"
+    assert run("featurize", "tests.store.fixture:build", "--store", str(store), "--size", "8",
+               "--no-progress").returncode == 0
+    res = run("score", "tests.store.fixture:build", "--store", str(store), "--out", str(tmp_path / "nope" / "s.npy"),
+              "--no-progress")
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    piped = subprocess.run(f"{sys.executable} -m dropinf info {store} | head -n 1", shell=True, cwd=root,
+                           capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in piped.stderr and piped.stdout.strip() == "{"

@@ -123,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "topk":
             p.add_argument("-k", type=int, default=10)
 
-    info = sub.add_parser("info", help="what a store holds")
-    info.add_argument("store")
+    info = sub.add_parser("info", help="what a store holds; verifies every shard's size and checksum and "
+                                       "reports a truncated or corrupted store as damaged")
+    info.add_argument("store", help="store folder")
+    info.add_argument("--no-verify", action="store_true", help="skip the checksums (sizes only; faster)")
     return parser
 
 
@@ -136,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except DropinfError as exc:
         print(f"dropinf {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:             # `dropinf info ... | head`: the reader went away
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def _run(args) -> int:
@@ -159,8 +166,9 @@ def _run(args) -> int:
         return 0
     if args.cmd == "info":
         from .store.disk import FeatureStore
-        print(json.dumps(FeatureStore.open(args.store, require_complete=False).info(), indent=1))
-        return 0
+        report = FeatureStore.open(args.store, require_complete=False).info(verify=not args.no_verify)
+        print(json.dumps(report, indent=1))
+        return 1 if report["damaged"] else 0
     from .attribute import Attributor
     from .entry import load_entry
     task = load_entry(args.entry)
@@ -180,6 +188,11 @@ def _run(args) -> int:
     q = task.loader("query")
     if args.cmd == "score":
         import numpy as np
+        from pathlib import Path
+        from .errors import ConfigError
+        folder = Path(args.out).resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"--out {args.out}: the folder {folder} does not exist; create it first.")
         n_q = 1 if args.reduce == "mean" else len(task.query)
         from .dist import barrier, dist_info
         rank, world = dist_info()

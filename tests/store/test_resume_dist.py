@@ -105,3 +105,34 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference):
     a = np.load(tmp_path / "one-gauss-newton.npy")
     np.testing.assert_array_equal(np.array(top["harmful_idx"]), np.argsort(-a, 1, kind="stable")[:, :4])
     np.testing.assert_array_equal(np.array(top["helpful_idx"]), np.argsort(a, 1, kind="stable")[:, :4])
+
+
+def test_two_concurrent_featurize_processes_share_one_store(tmp_path, reference):
+    """A re-run started while the first is still writing (two shells, a retried job): both finish
+    without a traceback, each chunk has one writer, and the store is the one a single run makes."""
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DROPINF_FIXTURE_SLEEP": "0.05"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dropinf", *featurize_args(store)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert files(store) == files(reference)
+    assert not list((store / "chunks").glob("*.lock")) and not list((store / "chunks").glob("*.tmp"))
+
+
+def test_info_reports_a_damaged_store(tmp_path, reference):
+    import json
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(reference, store)
+    ok = json.loads(run_cli("info", str(store)).stdout)
+    assert ok["complete"] and ok["damaged"] == [] and ok["verified"]
+    shard = store / "chunks" / "000003.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-8])                                   # truncated
+    bad = json.loads(run_cli("info", str(store)).stdout)
+    assert not bad["complete"] and bad["damaged"] == ["000003.bin"]
+    shard.write_bytes(data[:20] + bytes([data[20] ^ 1]) + data[21:])   # one flipped bit
+    bad = json.loads(run_cli("info", str(store)).stdout)
+    assert not bad["complete"] and bad["damaged"] == ["000003.bin"]

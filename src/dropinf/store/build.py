@@ -10,6 +10,8 @@ rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a ba
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.utils.data import SequentialSampler
 from tqdm.auto import tqdm
@@ -51,35 +53,55 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     _barrier(world)
     if rank != 0:
         store = FeatureStore.create(path, sig, layers, n, chunk_size, dtype)
-    todo = [k for k in range(store.n_chunks) if k % world == rank and not store.chunk_done(k, verify=True)]
+    # this process's chunks (k ≡ rank mod world) that are not done yet; several processes on the
+    # same store (a re-run, a second shell) share them: each chunk has one writer at a time (a
+    # lock file claimed atomically), and a process waits for chunks another live one is writing
+    pending = [k for k in range(rank, store.n_chunks, world) if not store.chunk_done(k, verify=True)]
     capture = BatchCapture(attr.model, attr.loss_fn, attr.layers, attr.compressors)
-    total = sum(store.rows(k)[1] - store.rows(k)[0] for k in todo)
+    total = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     desc = "featurize → store" + (f" [rank {rank}/{world}]" if world > 1 else "")
     with attr._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not attr.progress) as bar:
-        for k in todo:
-            start, stop = store.rows(k)
-            block = torch.empty(stop - start, store.width)
-            kept, pos = [], 0
-            for ids, batch in chunk_loader(loader, start, stop):
-                if batch is None:          # the collate function dropped every example of this batch
-                    continue
-                feats, loss = capture(attr._batch_to_device(batch))
-                b = loss.shape[0]
-                if b != ids.numel():
-                    raise LossShapeError(f"loss_fn returned {b} losses for a batch of {ids.numel()} examples; it "
-                                         f"must return one per example.")
-                bad, lays = nonfinite(feats, 0)
-                raise_nonfinite(ids[bad].tolist() if bad else [], lays)
-                for l in layers:
-                    block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
-                kept.append(ids)
-                pos += b
-                bar.update(b)
-            ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-            # rows a collate function dropped are absent; the chunk records which ids it holds
-            store.write_chunk(k, block[:pos], None if pos == stop - start else ids)
+        while pending:
+            progressed = False
+            for k in list(pending):
+                start, stop = store.rows(k)
+                if not store.chunk_done(k) and store.claim(k):
+                    try:
+                        if not store.chunk_done(k, verify=True):
+                            _compute_chunk(attr, capture, store, layers, loader, k)
+                    finally:
+                        store.release(k)
+                if store.chunk_done(k):
+                    pending.remove(k)
+                    bar.update(stop - start)
+                    progressed = True
+            if pending and not progressed:
+                time.sleep(0.2)          # another live process holds these chunks: wait for it
     _barrier(world)
     if rank == 0:
         store.finalize()
     _barrier(world)
     return FeatureStore.open(path)
+
+
+def _compute_chunk(attr, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int) -> None:
+    start, stop = store.rows(k)
+    block = torch.empty(stop - start, store.width)
+    kept, pos = [], 0
+    for ids, batch in chunk_loader(loader, start, stop):
+        if batch is None:          # the collate function dropped every example of this batch
+            continue
+        feats, loss = capture(attr._batch_to_device(batch))
+        b = loss.shape[0]
+        if b != ids.numel():
+            raise LossShapeError(f"loss_fn returned {b} losses for a batch of {ids.numel()} examples; it "
+                                 f"must return one per example.")
+        bad, lays = nonfinite(feats, 0)
+        raise_nonfinite(ids[bad].tolist() if bad else [], lays)
+        for l in layers:
+            block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
+        kept.append(ids)
+        pos += b
+    ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    # rows a collate function dropped are absent; the chunk records which ids it holds
+    store.write_chunk(k, block[:pos], None if pos == stop - start else ids)

@@ -45,13 +45,24 @@ class StoreError(DropinfError, OSError):
     """A store is missing, incomplete, truncated or corrupted; the message names the file."""
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name unique to this process and thread, so that concurrent writers never
+    rename each other's files."""
+    import threading
+    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident() % 10**6}.tmp")
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _sha256(path: Path) -> str:
@@ -167,6 +178,9 @@ class FeatureStore:
     def open(cls, path, require_complete: bool = True) -> "FeatureStore":
         path = Path(path)
         mpath = path / "manifest.json"
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is a file, not a store folder: pass the folder that featurize(..., "
+                             f"store=PATH) or `dropinf featurize --store PATH` created.")
         if not mpath.exists():
             raise StoreError(f"no store at {path}: {mpath} does not exist. Build one with "
                              f"attr.featurize(loader, store=PATH) or `dropinf featurize`.")
@@ -219,23 +233,31 @@ class FeatureStore:
         t = block.to(self.torch_dtype).contiguous()
         arr = t.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else t.numpy()
         dp = self.data_path(k)
-        tmp = dp.with_suffix(".bin.tmp")
+        tmp = _tmp_name(dp)
         buf = memoryview(np.ascontiguousarray(arr)).cast("B")
-        with open(tmp, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dp)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buf)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dp)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         entry = {"id": k, "rows": [start, stop], "n_rows": rows, "file": f"chunks/{dp.name}",
                  "bytes": dp.stat().st_size, "crc32c": _crc(buf)}
         if ids is not None:
             ib = memoryview(np.ascontiguousarray(ids.to(torch.int64).numpy())).cast("B")
-            ip = self.ids_path(k)
-            with open(ip.with_suffix(".ids.tmp"), "wb") as f:
-                f.write(ib)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(ip.with_suffix(".ids.tmp"), ip)
+            ip, itmp = self.ids_path(k), _tmp_name(self.ids_path(k))
+            try:
+                with open(itmp, "wb") as f:
+                    f.write(ib)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(itmp, ip)
+            finally:
+                if itmp.exists():
+                    itmp.unlink()
             entry["ids_crc32c"] = _crc(ib)
         _atomic_write(self.marker_path(k), _dump(entry))
 
@@ -246,6 +268,8 @@ class FeatureStore:
             if not self.chunk_done(k):
                 raise StoreError(f"cannot finalize {self.path}: chunk {k} is not done")
             chunks.append(json.loads(self.marker_path(k).read_text()))
+        for k in range(self.n_chunks):      # locks left by a writer killed after its marker
+            self.lock_path(k).unlink(missing_ok=True)
         self.manifest["chunks"] = chunks
         self.manifest["n_rows"] = sum(c.get("n_rows", c["rows"][1] - c["rows"][0]) for c in chunks)
         self.manifest["complete"] = True
@@ -305,12 +329,59 @@ class FeatureStore:
         for k in range(rank, self.n_chunks, world):
             yield self.offsets[k], self.read_chunk(k, verify)
 
-    def info(self) -> dict:
+    # ------------------------------------------------------------------ one writer per chunk
+    def lock_path(self, k: int) -> Path:
+        return self.path / "chunks" / f"{k:06d}.lock"
+
+    def claim(self, k: int) -> bool:
+        """Atomically claim chunk k for this process (a lock file holding its pid). False when a
+        live process holds it; a lock left by a dead process is taken over."""
+        lp = self.lock_path(k)
+        for _ in range(2):
+            try:
+                fd = os.open(lp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = int(lp.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and _alive(owner):
+                    return False
+                lp.unlink(missing_ok=True)       # stale: its writer died (or wrote nothing yet)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def release(self, k: int) -> None:
+        self.lock_path(k).unlink(missing_ok=True)
+
+    def info(self, verify: bool = True) -> dict:
+        """What the store holds. With ``verify`` every shard's size and checksum are checked, and a
+        truncated, corrupted or missing shard makes the store ``damaged`` (and not complete)."""
         m = self.manifest
-        done = sum(self.chunk_done(k) for k in range(self.n_chunks))
+        damaged = []
+        done = 0
+        for k in range(self.n_chunks):
+            if self.chunk_done(k, verify=verify):
+                done += 1
+            elif m.get("complete") or self.marker_path(k).exists():
+                damaged.append(self.data_path(k).name)
         return {"path": str(self.path), "n": self.n, "n_examples": self.n_examples,
-                "chunks": f"{done}/{self.n_chunks} done",
-                "complete": m["complete"], "dtype": m["dtype"], "chunk_size": self.chunk_size,
+                "chunks": f"{done}/{self.n_chunks} done", "verified": bool(verify),
+                "complete": bool(m["complete"]) and not damaged, "damaged": damaged,
+                "dtype": m["dtype"], "chunk_size": self.chunk_size,
                 "compressor": m["signature"].get("compressor"), "model": m["signature"].get("model"),
                 "layers": len(self.layers), "columns": self.width,
                 "bytes": sum(self.data_path(k).stat().st_size for k in range(self.n_chunks) if self.data_path(k).exists())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
