@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout
-from .errors import ConfigError, EmptyDataError, LossShapeError
+from .errors import ConfigError, DropinfError, EmptyDataError, FeatureMismatchError, LossShapeError
 from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.preconditioner import estimator_signature
 from .score.blockwise import TopK
@@ -297,9 +297,16 @@ class Attributor:
         sig = st.manifest["signature"]
         fused = any(l["kind"] == "fused" for l in sig["layers"])
         opts = options or CaptureOptions(fused=fused)
+        names = [l["name"] for l in sig["layers"]]
+        modules = dict(model.named_modules())
+        absent = [n for n in names if n not in modules]
+        if absent:
+            raise FeatureMismatchError(
+                f"the store {path} was built on tracked layers {absent[:4]}{' ...' if len(absent) > 4 else ''}, which "
+                f"this model does not have (renamed modules, a wrapper such as peft or DDP, or another "
+                f"architecture). Open it with the model that built it, or rebuild the store.")
         attr = cls(model, loss_fn, compressor=from_signature(sig["compressor"]), estimator=estimator,
-                   track=[l["name"] for l in sig["layers"]], options=opts, progress=progress,
-                   score_options=score_options)
+                   track=names, options=opts, progress=progress, score_options=score_options)
         check_compatible(Features({}, attr.signature()), Features({}, sig))
         attr.store, attr._store_ids = st, None
         attr._train_loader = train_loader
@@ -348,7 +355,11 @@ class Attributor:
             pre = self.estimator.fit(source, ctx)
         self.preconditioner, self.fit_status = pre, "fitted"
         if saved is not None and ctx.part[0] == 0:
-            pre.save(saved)
+            try:
+                pre.save(saved)
+            except (OSError, DropinfError) as exc:    # e.g. a full disk: the fit itself is fine
+                warnings.warn(f"could not save the fitted preconditioner to {saved} ({exc}); it will be "
+                              f"refitted the next time this store is opened.", stacklevel=2)
         return pre
 
     def _saved_path(self) -> Path:

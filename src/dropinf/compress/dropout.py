@@ -80,7 +80,8 @@ class Dropout:
            r ≥ d_l keeps every coordinate (then identical to Identity / Orig).
     seed:  seeds the per-layer index sets (a layer's set depends only on seed and its name).
     scale: multiply kept entries by √(d_l/r_l) so inner products are unbiased for the full ones.
-           Influence scores are unchanged by it (λ_l scales along; see GaussNewton).
+           GaussNewton, DataInf, LiSSA (default scale) and ExactHessian scores are unchanged by it
+           (λ_l scales along); GradDot's are multiplied by d_l/r_l per layer (layers re-weighted).
     """
 
     r: RSpec = 64

@@ -53,7 +53,11 @@ def full_hessian(ctx: FitContext, names: list[str]) -> tuple[torch.Tensor, int]:
 class ExactHessian:
     """True Hessian of the mean train loss over the tracked parameters, plus damping·I.
 
-    damping:  λ added to the diagonal (0 for a strictly convex, regularised model).
+    damping:  λ added to the diagonal. H is the Hessian of *loss_fn* (the per-example losses),
+              so weight decay applied by the optimizer (not written into loss_fn) is not in it:
+              a model trained with L2 coefficient α needs damping=α — with the default 0 its
+              Hessian is often indefinite and the scores unrelated to leave-one-out. Weight decay
+              written into loss_fn is already in H (then keep damping=0).
     max_dim:  refuse models whose tracked parameter count exceeds this (H is d × d).
     """
 
@@ -82,9 +86,11 @@ class ExactHessian:
         if int(info) == 0:
             m = torch.cholesky_inverse(L)
         else:
-            warnings.warn("the exact Hessian (+ damping) is not positive definite: the loss is not "
-                          "convex at these parameters (or the model is under-trained). Solving with "
-                          "LU anyway; influence-function assumptions do not hold here.", stacklevel=2)
+            warnings.warn("the exact Hessian (+ damping) is not positive definite. If the model was trained "
+                          "with weight decay α by the optimizer (not inside loss_fn), the loss_fn Hessian lacks it: "
+                          "pass ExactHessian(damping=α). Otherwise the loss is not convex at these parameters (or "
+                          "the model is under-trained). Solving with LU anyway; influence-function assumptions do "
+                          "not hold here.", stacklevel=2)
             m = torch.linalg.inv(hs)
         layers = tuple(l.name for l in ctx.layers)
         return Preconditioner(estimator_signature(self), train.n,

@@ -141,9 +141,20 @@ class Preconditioner:
                     arrays[f"b{i}_{what}"] = t.detach().cpu().double().numpy()
         meta = {"format": FORMAT, "estimator": self.estimator, "n": self.n, "blocks": meta_blocks,
                 "dropped": self.dropped, "info": self.info}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-        tmp.replace(path)
+        import os
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+        try:
+            np.savez(tmp, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+            tmp.replace(path)
+        except OSError as exc:
+            from ..store.disk import disk_full
+            err = disk_full(exc, path, sum(a.nbytes for a in arrays.values()))
+            if err is None:
+                raise
+            raise err from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     @classmethod
     def load(cls, path: str | Path) -> "Preconditioner":

@@ -17,6 +17,7 @@ summed across ranks (each fills its own columns), top-k lists gathered and merge
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -133,10 +134,17 @@ class Scorer:
             elif world > 1 and not isinstance(out, np.memmap):
                 out[:] = 0
             outs = {None: out}
+        lo, hi = float("inf"), float("-inf")
         for q0, t0, s in self.blocks(query, per_layer):
             for key, arr in outs.items():
                 sl = s if key is None else s[key]
                 arr[q0:q0 + sl.shape[0], t0:t0 + sl.shape[1]] = sl.float().cpu().numpy()
+            if not per_layer:
+                lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
+        if not per_layer and world == 1 and lo == hi:
+            warnings.warn(f"every score is {lo:g}: the attribution is degenerate (the query or train gradients "
+                          f"at the tracked layers are zero or constant). Check that loss_fn depends on the tracked "
+                          f"layers, that the model is not saturated, and that r is not tiny.", stacklevel=3)
         if world > 1:
             for arr in outs.values():
                 if isinstance(arr, np.memmap):

@@ -52,17 +52,43 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident() % 10**6}.tmp")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
+def disk_full(exc: OSError, path: Path, nbytes: int):
+    """A DropinfError for a write that ran out of space (ENOSPC/EDQUOT), else None."""
+    import errno
+    import shutil
+    if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return None
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = 0
+    return StoreError(f"no space left on the device writing {path} ({nbytes:,} bytes needed, {free:,} free). "
+                      f"Nothing partial was kept: free some space and re-run the same command to resume.")
+
+
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write ``data`` (bytes-like or str) to a per-process temporary file, fsync, rename over
+    ``path``; the temporary file is removed whatever happens, and a full disk is a StoreError."""
+    tmp = _tmp_name(path)
+    mode = "w" if isinstance(data, str) else "wb"
+    try:
+        with open(tmp, mode) as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        err = disk_full(exc, path, len(data))
+        if err is None:
+            raise
+        raise err from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text)
 
 
 def _sha256(path: Path) -> str:
@@ -105,6 +131,10 @@ class FeatureStore:
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
+        missing = [k for k in ("signature", "dtype", "n", "chunk_size", "n_chunks", "layers") if k not in manifest]
+        if missing:
+            raise StoreError(f"{self.path / 'manifest.json'} lacks {missing}: the store is damaged or was not "
+                             f"written by dropinf. Rebuild it (delete the folder and re-run featurize).")
         self.manifest = manifest
         self.layers = [LayerCols(**l) for l in manifest["layers"]]
         self.n_examples, self.chunk_size = manifest["n"], manifest["chunk_size"]
@@ -233,31 +263,13 @@ class FeatureStore:
         t = block.to(self.torch_dtype).contiguous()
         arr = t.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else t.numpy()
         dp = self.data_path(k)
-        tmp = _tmp_name(dp)
         buf = memoryview(np.ascontiguousarray(arr)).cast("B")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dp)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_bytes_atomic(dp, buf)
         entry = {"id": k, "rows": [start, stop], "n_rows": rows, "file": f"chunks/{dp.name}",
                  "bytes": dp.stat().st_size, "crc32c": _crc(buf)}
         if ids is not None:
             ib = memoryview(np.ascontiguousarray(ids.to(torch.int64).numpy())).cast("B")
-            ip, itmp = self.ids_path(k), _tmp_name(self.ids_path(k))
-            try:
-                with open(itmp, "wb") as f:
-                    f.write(ib)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(itmp, ip)
-            finally:
-                if itmp.exists():
-                    itmp.unlink()
+            write_bytes_atomic(self.ids_path(k), ib)
             entry["ids_crc32c"] = _crc(ib)
         _atomic_write(self.marker_path(k), _dump(entry))
 
