@@ -144,3 +144,17 @@ def test_cli_paths_give_messages_not_tracebacks(tmp_path):
     piped = subprocess.run(f"{sys.executable} -m dropinf info {store} | head -n 1", shell=True, cwd=root,
                            capture_output=True, text=True, timeout=300)
     assert "Traceback" not in piped.stderr and piped.stdout.strip() == "{"
+
+
+def test_cli_full_disk_on_any_write_is_a_message(monkeypatch, capsys):
+    """Reports and other files written by a command: a full disk ends with a message naming the
+    file and exit code 2, not a traceback."""
+    import errno
+    from dropinf import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "reports/mislabel/report.md")
+    monkeypatch.setattr(cli, "_run", full)
+    assert cli.main(["info", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device writing reports/mislabel/report.md" in err and "re-run" in err

@@ -143,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        import errno
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or isinstance(exc, BrokenPipeError):
+            raise
+        print(f"dropinf {args.cmd}: error: no space left on the device writing {exc.filename or 'the output'} "
+              f"(reports, scores or store files). Free some space and re-run the same command: finished "
+              f"store chunks are kept and resumed.", file=sys.stderr)
+        return 2
 
 
 def _run(args) -> int:

@@ -22,10 +22,18 @@ def test_dropout_with_all_coordinates_equals_orig():
     np.testing.assert_allclose(drop, orig, rtol=1e-5, atol=1e-5 * np.abs(orig).max())
 
 
-def test_dropout_scale_leaves_scores_unchanged():
-    _, plain = _scores(Dropout(r=12, seed=1))
-    _, scaled = _scores(Dropout(r=12, seed=1, scale=True))
-    np.testing.assert_allclose(scaled, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+@pytest.mark.parametrize("est,invariant", [("gn", True), ("datainf", True), ("exact0", True), ("graddot", False),
+                                           ("lissa", False)])
+def test_what_dropout_scale_does_per_estimator(est, invariant):
+    """As the README documents: scale=True leaves GaussNewton, DataInf and undamped ExactHessian
+    scores unchanged and changes GradDot's and LiSSA's (the √(d_l/r_l) factor differs by layer)."""
+    from dropinf import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA
+    make = {"gn": GaussNewton, "datainf": DataInf, "graddot": GradDot, "lissa": LiSSA,
+            "exact0": lambda: ExactHessian(damping=0.0)}[est]
+    _, plain = _scores(Dropout(r=12, seed=1), estimator=make())
+    _, scaled = _scores(Dropout(r=12, seed=1, scale=True), estimator=make())
+    same = np.allclose(scaled, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+    assert same == invariant
 
 
 def test_same_seed_bit_identical_different_seed_differs():

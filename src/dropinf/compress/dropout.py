@@ -80,8 +80,9 @@ class Dropout:
            r ≥ d_l keeps every coordinate (then identical to Identity / Orig).
     seed:  seeds the per-layer index sets (a layer's set depends only on seed and its name).
     scale: multiply kept entries by √(d_l/r_l) so inner products are unbiased for the full ones.
-           GaussNewton, DataInf, LiSSA (default scale) and ExactHessian scores are unchanged by it
-           (λ_l scales along); GradDot's are multiplied by d_l/r_l per layer (layers re-weighted).
+           GaussNewton and DataInf scores are unchanged by it (their per-layer λ_l scales along), and
+           ExactHessian's with damping=0; GradDot, LiSSA and a damped ExactHessian change (the factor
+           differs between layers). See the README.
     """
 
     r: RSpec = 64
