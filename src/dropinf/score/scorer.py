@@ -141,7 +141,7 @@ class Scorer:
                 arr[q0:q0 + sl.shape[0], t0:t0 + sl.shape[1]] = sl.float().cpu().numpy()
             if not per_layer:
                 lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
-        if not per_layer and world == 1 and lo == hi:
+        if not per_layer and world == 1 and m * n > 1 and lo == hi:
             warnings.warn(f"every score is {lo:g}: the attribution is degenerate (the query or train gradients "
                           f"at the tracked layers are zero or constant). Check that loss_fn depends on the tracked "
                           f"layers, that the model is not saturated, and that r is not tiny.", stacklevel=3)
