@@ -55,7 +55,12 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
     n = source.n
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     grams: dict[str, torch.Tensor] = {}
-    rows = {l: torch.empty(n, source.layer_r(l), device=device) for l in kernel_layers}
+    from ..store.features import Features
+    in_place = isinstance(source, Features) and all(
+        source.data[l].device == device and source.data[l].dtype == torch.float32 for l in kernel_layers)
+    # in-memory float32 rows on the device are used as they are (no second copy of the features)
+    rows = {l: (source.data[l] if in_place else torch.empty(n, source.layer_r(l), device=device))
+            for l in kernel_layers}
     # kernel layers need every row on every rank; otherwise each rank reads only its share
     chunks = source.iter_chunks() if (kernel_layers and world > 1) else source.iter_chunks(part=part)
     seen = 0
@@ -64,7 +69,7 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
             mine = not (kernel_layers and world > 1) or k % world == rank
             for i, name in enumerate(names):
                 g = chunk[name].to(device=device, dtype=torch.float32, non_blocking=True)
-                if name in kernel_layers:
+                if name in kernel_layers and not in_place:
                     rows[name][start:start + g.shape[0]] = g
                 if not mine:
                     continue
@@ -92,5 +97,5 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
     total = int(all_reduce_sum(torch.tensor([seen], dtype=torch.float64, device=device), world).item())
     if total != n:
         raise RuntimeError(f"statistics pass saw {total} rows, the source claims {n}")
-    row_ss = {l: (rows[l].double() ** 2).sum(1) for l in kernel_layers}
+    row_ss = {l: torch.linalg.vector_norm(rows[l], dim=1, dtype=torch.float64) ** 2 for l in kernel_layers}
     return Stats(n, {nm: float(v) for nm, v in zip(names, sums.tolist())}, grams, rows, row_ss)

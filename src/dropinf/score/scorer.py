@@ -59,6 +59,24 @@ def _chunks(source, rows: int, part=(0, 1)):
     return source.iter_chunks(part=part)
 
 
+def _adjacent(chunk: dict, layers: list[str]) -> torch.Tensor | None:
+    """The columns of ``layers`` side by side as one view when they already are (a store shard's
+    row block), else None (separate tensors: concatenating would copy the whole chunk)."""
+    ts = [chunk[l] for l in layers]
+    if len(ts) == 1:
+        return ts[0]
+    first = ts[0]
+    off, ok = first.storage_offset(), first.dim() == 2 and first.stride(1) == 1
+    for t in ts:
+        ok = ok and t.stride() == first.stride() and t.storage_offset() == off and \
+            t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        off += t.shape[1]
+    if not ok:
+        return None
+    return torch.as_strided(first, (first.shape[0], off - first.storage_offset()), first.stride(),
+                            first.storage_offset())
+
+
 def _concat(chunk: dict, layers: list[str]) -> torch.Tensor:
     """Columns of ``layers`` side by side; a view (no copy) when they already are (store shards)."""
     ts = [chunk[l] for l in layers]
@@ -112,8 +130,12 @@ class Scorer:
                         s = {l: neg[l] @ chunk[l].to(self.device, self.dtype).T for l in self.layers}
                         rows = next(iter(s.values())).shape[1]
                     else:
-                        g = _concat(chunk, self.layers).to(self.device, self.dtype, non_blocking=True)
-                        s = qcat @ g.T
+                        g = _adjacent(chunk, self.layers)
+                        if g is not None:       # one matmul over all layers' columns (store shards)
+                            s = qcat @ g.to(self.device, self.dtype, non_blocking=True).T
+                        else:                   # separate tensors: per layer, no copy of the chunk
+                            s = sum(neg[l] @ chunk[l].to(self.device, self.dtype, non_blocking=True).T
+                                    for l in self.layers)
                         rows = s.shape[1]
                     bar.update(qcat.shape[0] * rows)
                     yield q0, t0, s
