@@ -40,13 +40,6 @@ from .layers import LayerSpec
 from .modules import Use, prepare, prepare_delta
 
 
-def uses_checkpointing(model: nn.Module) -> bool:
-    """True if any module has HF-style ``gradient_checkpointing`` switched on."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # some wrappers forward this name to deprecated properties
-        return any(m.__dict__.get("gradient_checkpointing", False) is True for m in model.modules())
-
-
 def _reentrant_refusal(exc: RuntimeError) -> bool:
     """torch's refusal of autograd.grad under re-entrant checkpointing (wording varies by version)."""
     msg = str(exc)

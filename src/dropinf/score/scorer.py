@@ -79,17 +79,8 @@ def _adjacent(chunk: dict, layers: list[str]) -> torch.Tensor | None:
 
 def _concat(chunk: dict, layers: list[str]) -> torch.Tensor:
     """Columns of ``layers`` side by side; a view (no copy) when they already are (store shards)."""
-    ts = [chunk[l] for l in layers]
-    first = ts[0]
-    off, ok = first.storage_offset(), first.dim() == 2 and first.stride(1) == 1
-    for t in ts:
-        ok = ok and t.stride() == first.stride() and t.storage_offset() == off and \
-            t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        off += t.shape[1]
-    if ok and len(ts) > 1:
-        return torch.as_strided(first, (first.shape[0], off - first.storage_offset()), first.stride(),
-                                first.storage_offset())
-    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+    g = _adjacent(chunk, layers)
+    return g if g is not None else torch.cat([chunk[l] for l in layers], 1)
 
 
 class Scorer:
