@@ -60,6 +60,8 @@ def test_resnet18_bn_eval_inplace_relu_and_residual(track):
     randomize_bn(model)
     layers = check_against_loop(model, images(3), track)
     assert len(layers) == (1 if track is None else 21)
+    if track is not None:    # rotated dropout through the same hooks (convs rotated on their patches)
+        check_against_loop(model, images(2), track, compressor=Dropout(r=40, seed=1, rotate=True))
 
 
 @pytest.mark.parametrize("track", [None, [nn.Conv2d, nn.Linear]], ids=["default", "conv+linear"])
@@ -88,6 +90,8 @@ def test_vit_with_multihead_attention():
     model = TinyViT().double()
     batch = images(3, s=8, classes=4)
     check_against_loop(model, batch, track=[nn.Conv2d, nn.Linear],
+                       expect_func={f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)})
+    check_against_loop(model, batch, track=[nn.Conv2d, nn.Linear], compressor=Dropout(r=40, seed=1, rotate=True),
                        expect_func={f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)})
 
 

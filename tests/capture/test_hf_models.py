@@ -114,6 +114,8 @@ def test_hf_fused_capture_matches_loop(arch, impl, lora):
             assert "conv1d" in kinds
     # Identity on the default selection (every Linear / Conv1D)
     check(model, loss_fn, batch, Identity(), track="lora" if lora else None)
+    if impl == "sdpa":   # rotated dropout: the rotated inputs/output-grads inside the same hooks
+        check(model, loss_fn, batch, Dropout(r=50, seed=2, rotate=True), track=track)
 
 
 def test_tied_embedding_and_lm_head_add_up():
@@ -124,6 +126,7 @@ def test_tied_embedding_and_lm_head_add_up():
     assert len(tied) == 1 and {u.kind for u in tied[0].uses} == {"embedding", "linear"}
     batch = padded_batch([6, 4, 6], seed=3)
     check(model, lm_loss, batch, Dropout(r=300, seed=0), track="all")
+    check(model, lm_loss, batch, Dropout(r=300, seed=0, rotate=True), track="all")   # tied: rotated flat
 
 
 def test_padding_tokens_contribute_nothing():

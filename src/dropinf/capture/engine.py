@@ -102,6 +102,11 @@ class BatchCapture:
                     # (1, T)): expand so that each example's output-gradient stays separate
                     x = x.expand(B, *x.shape[1:])
                     output = output.expand(B, *output.shape[1:])
+                if output._is_view():
+                    # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a
+                    # new grad_fn and a hook on it never fires; the same storage as a non-view
+                    # tensor keeps the hook on the output the module returned
+                    output = torch.ops.aten._unsafe_view(output, output.shape)
                 saved = [x]
 
                 def on_grad(g):

@@ -79,31 +79,44 @@ class Dropout:
     r:     coordinates kept per tracked layer: an int, or a dict {layer name or glob: int}.
            r ≥ d_l keeps every coordinate (then identical to Identity / Orig).
     seed:  seeds the per-layer index sets (a layer's set depends only on seed and its name).
-    scale: multiply kept entries by √(d_l/r_l) so inner products are unbiased for the full ones.
+    scale: multiply kept entries by √(d_l/r_l) (rotated: √(p_l/r_l)) so inner products are unbiased
+           for the full ones.
            GaussNewton and DataInf scores are unchanged by it (their per-layer λ_l scales along), and
            ExactHessian's with damping=0; GradDot, LiSSA and a damped ExactHessian change (the factor
            differs between layers). See the README.
+    rotate: rotate each layer's gradient by a seeded randomized Hadamard transform before
+           sampling (compress.rotated): inner products are unchanged by the rotation, and the
+           sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
     r: RSpec = 64
     seed: int = 0
     scale: bool = False
     sampler: int = SAMPLER
+    rotate: bool = False
     kind: str = field(default="dropout", init=False)
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"Dropout seed must be an int (the index sets derive from it), got {self.seed!r}")
+        if not isinstance(self.rotate, bool):
+            raise ConfigError(f"Dropout rotate must be True or False, got {self.rotate!r}")
         if self.sampler != SAMPLER:
             raise ConfigError(f"these features were drawn with index sampler version {self.sampler}; this dropinf "
                               f"draws version {SAMPLER}, so its index sets differ. Rebuild the store.")
 
-    def build(self, layer: LayerSpec) -> DropoutLayer:
+    def build(self, layer: LayerSpec):
         r = resolve_r(self.r, layer)
+        if self.rotate:
+            from .rotated import RotatedDropoutLayer
+            return RotatedDropoutLayer(layer, r, self.seed, self.scale)
         if r > layer.dim:
             warnings.warn(f"Dropout r={r} exceeds d={layer.dim} of layer {layer.name!r}; keeping "
                           f"all {layer.dim} coordinates.", stacklevel=3)
         return DropoutLayer(layer, r, self.seed, self.scale)
 
     def signature(self) -> dict:
-        return {"kind": self.kind, "r": self.r, "seed": self.seed, "scale": self.scale, "sampler": self.sampler}
+        sig = {"kind": self.kind, "r": self.r, "seed": self.seed, "scale": self.scale, "sampler": self.sampler}
+        if self.rotate:      # absent when False, so stores written before rotation existed still open
+            sig["rotate"] = True
+        return sig

@@ -6,6 +6,7 @@ GradDot (Hessian-free).
 """
 
 from .base import Estimator, FitContext
+from .damping import choose_damping
 from .datainf import DataInf
 from .exact import ExactHessian
 from .gauss_newton import GaussNewton
@@ -13,5 +14,5 @@ from .graddot import GradDot
 from .lissa import LiSSA
 from .preconditioner import Block, Preconditioner
 
-__all__ = ["Estimator", "FitContext", "Block", "Preconditioner", "DataInf", "ExactHessian", "GaussNewton",
+__all__ = ["choose_damping", "Estimator", "FitContext", "Block", "Preconditioner", "DataInf", "ExactHessian", "GaussNewton",
            "GradDot", "LiSSA"]

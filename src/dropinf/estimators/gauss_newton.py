@@ -32,10 +32,11 @@ from .stats import gram_pass
 @dataclass(frozen=True)
 class GaussNewton:
     """damping_factor: λ_l = damping_factor · mean squared compressed entry of layer l.
-    damping: if set, a fixed λ for every layer instead of the rule (0 = undamped)."""
+    damping: if set, a fixed λ for every layer instead of the rule (0 = undamped), or a dict
+             {layer: λ_l} (e.g. from estimators.choose_damping; layers not in it follow the rule)."""
 
     damping_factor: float = 0.1
-    damping: float | None = None
+    damping: float | dict | None = None
     name: str = "gauss-newton"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
@@ -48,7 +49,8 @@ class GaussNewton:
             if dead_layer(name, st.sumsq[name]):
                 dropped.append(name)
                 continue
-            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self.damping_factor, self.damping)
+            fixed = self.damping.get(name) if isinstance(self.damping, dict) else self.damping
+            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self.damping_factor, fixed)
             if name in kern:
                 if lam <= 0:
                     raise ConfigError(f"layer {name!r} has r={train.layer_r(name)} > n={n}: undamped "

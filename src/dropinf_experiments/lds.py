@@ -1,0 +1,261 @@
+"""``dropinf reproduce lds``: the linear datamodeling score of every method at equal bytes per
+example, on three tasks (lds_tasks: an MLP and a ResNet-9-style CNN on Fashion-MNIST, a byte-level
+causal transformer LM on Wikipedia paragraphs).
+
+Ground truth: M random half-subsets of the training set, each retrained from scratch under S seeds
+(dropinf.eval.lds.build_ground_truth; cached in OUT/ground-truth/TASK, resumable), measuring every
+query's summed loss. The attributed model is trained on all examples with seed 0 by the same recipe.
+
+Methods, at each budget r per layer (bytes per example: 4 × the sum over layers, reported):
+  Dropout           r coordinates per layer (the paper)
+  Dropout+rot       randomized Hadamard rotation, then r coordinates (Dropout(rotate=True))
+  Dropout+rot+budget  the same total split across layers by gradient energy (compress.split_budget)
+  Dropout+rot ×K    K disjoint masks of r/K (MaskEnsemble), scores averaged
+  Gaussian          dense N(0, 1/r) projection, r = B/L per layer
+  LoGra             √(B/L) × √(B/L) Kronecker projection per layer
+each with GaussNewton at the paper's damping rule (0.1 × mean squared entry) and at the damping
+chosen without retraining (estimators.choose_damping); and, on the Dropout features of the middle
+budget, the other estimators (Hessian-free, DataInf, LiSSA). Orig (no compression) where it fits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from dropinf.eval.lds import build_ground_truth, lds, random_subsets
+
+from . import lds_tasks as T
+from .common import Report, md_table, mean_std, plt
+
+
+@dataclass(frozen=True)
+class LDSSettings:
+    tasks: tuple = ("mlp", "cnn", "lm")
+    subsets: int = 64
+    fraction: float = 0.5
+    gt_seeds: tuple = (0, 1)
+    budgets: dict = field(default_factory=lambda: {"mlp": (256, 1024), "cnn": (64, 256), "lm": (128, 512)})
+    mask_seeds: tuple = (0, 1)
+    members: int = 4
+    workers: int = 2
+    sizes: dict = field(default_factory=lambda: {
+        "mlp": T.TaskSize(10000, 200, 4, 128, 1e-3),
+        "cnn": T.TaskSize(4000, 100, 3, 64, 0.05, width=8),
+        "lm": T.TaskSize(1000, 100, 4, 32, 3e-3, width=64, seq_len=128)})
+
+
+PRESETS = {
+    "smoke": LDSSettings(subsets=6, gt_seeds=(0,), budgets={"mlp": (32,), "cnn": (16,), "lm": (16,)},
+                         mask_seeds=(0,), members=2, workers=1,
+                         sizes={"mlp": T.TaskSize(300, 12, 1, 64, 1e-3),
+                                "cnn": T.TaskSize(120, 8, 1, 32, 0.05, width=4),
+                                "lm": T.TaskSize(60, 8, 1, 16, 3e-3, width=32, seq_len=48)}),
+    "fast": LDSSettings(),
+    "full": LDSSettings(subsets=256, gt_seeds=(0, 1, 2), mask_seeds=(0, 1, 2),
+                        budgets={"mlp": (64, 256, 1024, 4096), "cnn": (16, 64, 256, 1024), "lm": (32, 128, 512, 2048)},
+                        sizes={"mlp": T.TaskSize(20000, 200, 4, 128, 1e-3),
+                               "cnn": T.TaskSize(10000, 200, 4, 64, 0.05, width=16),
+                               "lm": T.TaskSize(2000, 200, 4, 32, 3e-3, width=64, seq_len=192)}),
+}
+
+
+def ground_truth(task: str, s: LDSSettings, out, progress: bool):
+    size = s.sizes[task]
+    masks = random_subsets(size.n_train, s.subsets, s.fraction, seed=1234)
+    return build_ground_truth(functools.partial(T.trainer, task, size), functools.partial(T.measurer, task, size),
+                              masks, os.path.join(out, "ground-truth", task), seeds=s.gt_seeds,
+                              workers=s.workers, progress=progress)
+
+
+
+DAMPING_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)     # × the paper's rule (0.1 is the paper's)
+
+
+def _loaders(task: str, size):
+    from torch.utils.data import DataLoader, TensorDataset
+    tr, q = T.data(task, size)
+    bs = 64 if task == "lm" else 256
+    return DataLoader(TensorDataset(*tr), batch_size=bs), DataLoader(TensorDataset(*q), batch_size=bs)
+
+
+def _track(task: str):
+    from torch import nn
+    return [nn.Conv2d, nn.Linear] if task == "cnn" else None
+
+
+def _logra(r: int):
+    r_out = 2 ** (int(np.log2(r)) // 2)
+    return r // r_out, r_out
+
+
+def _features(model, task, compressor, train_dl, query_dl):
+    from dropinf import Attributor
+    from dropinf.estimators import GradDot
+    attr = Attributor(model, T.loss_fn(task), compressor=compressor, estimator=GradDot(), track=_track(task),
+                      progress=False)
+    t0 = time.perf_counter()
+    tr = attr.compute_features(train_dl, desc="featurize train")
+    qu = attr.compute_features(query_dl, desc="featurize queries")
+    return attr, tr, qu, time.perf_counter() - t0
+
+
+def _score(estimator, tr, qu):
+    from dropinf.score import ScoreOptions, Scorer
+    t0 = time.perf_counter()
+    pre = estimator.fit(tr)
+    s = Scorer(pre, tr, ScoreOptions(), progress=False).dense(qu)
+    return np.asarray(s), time.perf_counter() - t0
+
+
+def _gn_variants(tr, qu, gt, seed):
+    """LDS of GaussNewton at the paper's rule, at choose_damping's λ, and the oracle over the grid."""
+    from dropinf.estimators import GaussNewton, choose_damping
+    out, secs = {}, {}
+    for f in DAMPING_GRID:
+        s, t = _score(GaussNewton(damping_factor=0.1 * f), tr, qu)
+        out[f"x{f:g}"], secs[f"x{f:g}"] = float(lds(s, gt).mean), t
+    t0 = time.perf_counter()
+    lam = choose_damping(tr, seed=seed)
+    s, t = _score(GaussNewton(damping=lam), tr, qu)
+    out["chosen"], secs["chosen"] = float(lds(s, gt).mean), t + time.perf_counter() - t0 - t
+    out["rule"], secs["rule"] = out["x1"], secs["x1"]
+    out["oracle"] = max(out[f"x{f:g}"] for f in DAMPING_GRID)
+    out["oracle_factor"] = 0.1 * max(DAMPING_GRID, key=lambda f: out[f"x{f:g}"])
+    return out, secs
+
+
+def run_task(task: str, s: LDSSettings, out, progress: bool, report: Report) -> list[dict]:
+    from dropinf import Dropout, Gaussian, Identity, LoGra
+    from dropinf.compress import split_budget
+    from dropinf.ensemble import score_ensemble
+    from dropinf.estimators import DataInf, GaussNewton, GradDot, LiSSA
+
+    size = s.sizes[task]
+    gt = ground_truth(task, s, out, progress)
+    torch.manual_seed(0)
+    model = T.train(task, size, None, 0)
+    train_dl, query_dl = _loaders(task, size)
+    rows = []
+
+    def record(method, r, seed, tr, feat_s, gn, secs, extra=None):
+        bytes_ = 4 * sum(v.shape[1] for v in tr.data.values())
+        rows.append({"task": task, "method": method, "r": r, "seed": seed, "bytes": bytes_, "featurize_s": feat_s,
+                     "score_s": secs.get("rule", 0.0), **{f"lds_{k}": v for k, v in gn.items()}, **(extra or {})})
+        print(f"  [{task}] {method:<24} r={r:<5} seed={seed} bytes={bytes_:<7} LDS rule {gn['rule']:.3f} "
+              f"chosen {gn['chosen']:.3f} oracle {gn['oracle']:.3f} (featurize {feat_s:.1f} s)", flush=True)
+
+    for r in s.budgets[task]:
+        for seed in s.mask_seeds:
+            plain = Dropout(r=r, seed=seed)
+            probe = _features(model, task, plain, [next(iter(train_dl))], [next(iter(query_dl))])[0]
+            total = sum(c.r for c in probe.compressors.values())
+            budget = split_budget(model, T.loss_fn(task), train_dl, total, track=_track(task), rule="energy",
+                                  seed=seed)
+            a, b = _logra(r)
+            variants = [("Dropout", plain), ("Dropout+rot", Dropout(r=r, seed=seed, rotate=True)),
+                        ("Dropout+rot+budget", Dropout(r=budget, seed=seed, rotate=True)),
+                        ("Gaussian", Gaussian(r={n: c.r for n, c in probe.compressors.items()}, seed=seed)),
+                        (f"LoGra {a}x{b}", LoGra(a, b, seed=seed))]
+            for name, comp in variants:
+                _, tr, qu, feat_s = _features(model, task, comp, train_dl, query_dl)
+                gn, secs = _gn_variants(tr, qu, gt, seed)
+                record(name, r, seed, tr, feat_s, gn, secs)
+                if name == "Dropout+rot":
+                    t0 = time.perf_counter()
+                    ens = score_ensemble(tr, qu, GaussNewton(), s.members, seed=seed)
+                    ens_t = time.perf_counter() - t0
+                    e = float(lds(ens.mean, gt).mean)
+                    record(f"Dropout+rot x{s.members} ens.", r, seed, tr, feat_s,
+                           {"rule": e, "chosen": float("nan"), "oracle": e, "oracle_factor": 0.1}, {"rule": ens_t},
+                           {"topk_stability": ens.topk_stability(10), "score_std": float(ens.std.mean())})
+                if name == "Dropout" and r == s.budgets[task][-1]:
+                    for ename, est in (("Hessian-free", GradDot()), ("DataInf", DataInf()), ("LiSSA", LiSSA())):
+                        sc, t = _score(est, tr, qu)
+                        v = float(lds(sc, gt).mean)
+                        record(f"{ename} (Dropout feats)", r, seed, tr, feat_s,
+                               {"rule": v, "chosen": float("nan"), "oracle": v, "oracle_factor": 0.1}, {"rule": t})
+    d_total = sum(p.numel() for n, p in model.named_parameters()
+                  if any(n.startswith(l.name + ".") for l in probe.layers))
+    if d_total * size.n_train * 4 <= 2e9:
+        _, tr, qu, feat_s = _features(model, task, Identity(), train_dl, query_dl)
+        gn, secs = _gn_variants(tr, qu, gt, 0)
+        record("Orig", d_total, 0, tr, feat_s, gn, secs)
+    return rows
+
+
+def _table(task_rows: list[dict]) -> str:
+    from collections import defaultdict
+    groups = defaultdict(list)
+    for row in task_rows:
+        groups[(row["method"], row["r"])].append(row)
+    body = []
+    for (method, r), rs in groups.items():
+        f = lambda k: mean_std([x[k] for x in rs if not np.isnan(x[k])]) if any(not np.isnan(x[k]) for x in rs) else "-"  # noqa: E731
+        body.append([method, r, rs[0]["bytes"], f("lds_rule"), f("lds_chosen"), f("lds_oracle"),
+                     f"{np.mean([x['lds_oracle_factor'] for x in rs]):.3g}", f"{np.mean([x['featurize_s'] for x in rs]):.1f}",
+                     f"{np.mean([x['score_s'] for x in rs]):.1f}"])
+    return md_table(["method", "r/layer", "bytes/ex", "LDS (λ rule 0.1)", "LDS (λ chosen)", "LDS (oracle λ)",
+                     "oracle factor", "featurize s", "fit+score s"], body)
+
+
+def _plots(task: str, task_rows: list[dict], report: Report) -> None:
+    p = plt()
+    fig, axes = p.subplots(1, 2, figsize=(11, 4))
+    methods = sorted({x["method"] for x in task_rows})
+    for m in methods:
+        rs = [x for x in task_rows if x["method"] == m]
+        rs_by = sorted({x["bytes"] for x in rs})
+        y = [np.mean([x["lds_oracle"] for x in rs if x["bytes"] == b]) for b in rs_by]
+        t = [np.mean([x["featurize_s"] + x["score_s"] for x in rs if x["bytes"] == b]) for b in rs_by]
+        axes[0].plot(rs_by, y, "o-", label=m)
+        axes[1].plot(t, y, "o-", label=m)
+    axes[0].set_xscale("log"), axes[1].set_xscale("log")
+    axes[0].set_xlabel("bytes per example"), axes[1].set_xlabel("attribution seconds (featurize + fit + score)")
+    for a in axes:
+        a.set_ylabel("LDS (best damping)")
+        a.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"LDS, task {task}")
+    report.figure(fig, f"lds_{task}.png")
+
+
+def run(preset: str = "fast", out: str = "reports/lds", progress: bool = True):
+    s = PRESETS[preset]
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    report = Report(out, "Linear datamodeling score (LDS) at equal bytes per example", s, preset)
+    report.add("What this measures",
+               f"For each task, {s.subsets} random {s.fraction:.0%} subsets of the training set were retrained from "
+               f"scratch under seeds {list(s.gt_seeds)} (averaged); LDS is the per-query Spearman correlation between "
+               "a method's summed scores over each subset and the retrained models' query loss, averaged over queries "
+               "(dropinf.eval.lds). Every method runs GaussNewton at the paper's damping (0.1 × mean squared entry; "
+               "Gaussian/LoGra over the full layer size d_l), at the damping chosen without retraining "
+               "(estimators.choose_damping), and at the best of the factors "
+               f"{[0.1 * f for f in DAMPING_GRID]} — the oracle column is tuned on this ground truth and is an "
+               f"upper bound. Mean ± std over mask seeds {list(s.mask_seeds)}. Ensembles: {s.members} disjoint "
+               "masks splitting the same rotated coordinates (equal bytes), GaussNewton at the rule.")
+    all_rows = []
+    for task in s.tasks:
+        print(f"[lds] task {task}", flush=True)
+        rows = run_task(task, s, out, progress, report)
+        all_rows += rows
+        report.add(f"Task {task}", _table(rows) + f"\n\n![LDS {task}](lds_{task}.png)\n")
+        _plots(task, rows, report)
+        report.csv("lds.csv", list(all_rows[0].keys()), [list(x.values()) for x in all_rows])
+        report.write()
+    print((report.out / "report.md").read_text())
+    return all_rows
+
+
+if __name__ == "__main__":   # ground truth only: python -m dropinf_experiments.lds PRESET OUT TASK...
+    import sys
+    preset, out, *tasks = sys.argv[1:]
+    for t in tasks:
+        gt = ground_truth(t, PRESETS[preset], out, True)
+        print(t, gt.values.shape, flush=True)
