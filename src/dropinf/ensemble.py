@@ -47,12 +47,12 @@ class EnsembleScores:
 
     @property
     def mean(self) -> np.ndarray:
-        return self.members.mean(0)
+        return self.members.astype(np.float64).mean(0)
 
     @property
     def std(self) -> np.ndarray:
         """(q, n) standard deviation across members: the spread of one score over index sets."""
-        return self.members.std(0, ddof=1) if self.members.shape[0] > 1 else np.zeros_like(self.members[0])
+        return self.members.astype(np.float64).std(0, ddof=1) if self.members.shape[0] > 1 else np.zeros_like(self.members[0])
 
     def topk_stability(self, k: int = 10, harmful: bool = True) -> float:
         """Mean over queries and members of |top-k(member) ∩ top-k(ensemble)| / k (1 = every member

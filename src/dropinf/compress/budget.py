@@ -68,8 +68,11 @@ def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, rule:
         raise ConfigError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
     if not isinstance(total, int) or total < 1:
         raise ConfigError(f"total must be a positive int (coordinates per example, all layers), got {total!r}")
-    pilot = Attributor(model, loss_fn, compressor=Dropout(r=pilot_r, seed=seed + 7919, rotate=True, scale=True),
-                       track=track, progress=progress)
+    import warnings
+    with warnings.catch_warnings():      # pilot_r above a small layer's size just keeps all of it
+        warnings.simplefilter("ignore", UserWarning)
+        pilot = Attributor(model, loss_fn, compressor=Dropout(r=pilot_r, seed=seed + 7919, rotate=True, scale=True),
+                           track=track, progress=progress)
     batches, seen = [], 0
     for batch in itertools.islice(loader, 10_000):
         batches.append(batch)
