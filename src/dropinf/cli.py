@@ -13,7 +13,7 @@ SIGN = ("Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 mean
 def _compressor(a):
     from . import Dropout, Gaussian, Identity, LoGra
     if a.compressor == "dropout":
-        return Dropout(r=a.r, seed=a.seed, scale=a.scale)
+        return Dropout(r=a.r, seed=a.seed, scale=a.scale, rotate=a.rotate)
     if a.compressor == "gaussian":
         return Gaussian(r=a.r, seed=a.seed)
     if a.compressor == "logra":
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--r-out", type=int, default=8, help="LoGra output projection size")
     fz.add_argument("--seed", type=int, default=0)
     fz.add_argument("--scale", action="store_true", help="dropout: scale kept entries by sqrt(d/r)")
+    fz.add_argument("--rotate", action="store_true",
+                    help="dropout: rotate each layer's gradient by a seeded randomized Hadamard transform before "
+                         "sampling (inner products unchanged; energy spread evenly over the kept coordinates)")
     fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
                                                    "(default: every Linear)")
     fz.add_argument("--chunk-size", type=int, default=4096, help="rows per shard (default: %(default)s)")

@@ -81,7 +81,7 @@ DAMPING_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)     # × the paper's rule (0.1 is t
 def _loaders(task: str, size):
     from torch.utils.data import DataLoader, TensorDataset
     tr, q = T.data(task, size)
-    bs = 64 if task == "lm" else 256
+    bs = 64 if task == "lm" else 1024     # large batches: Gaussian regenerates its P once per batch
     return DataLoader(TensorDataset(*tr), batch_size=bs), DataLoader(TensorDataset(*q), batch_size=bs)
 
 
@@ -164,6 +164,12 @@ def run_task(task: str, s: LDSSettings, out, progress: bool, report: Report) -> 
                         ("Gaussian", Gaussian(r={n: c.r for n, c in probe.compressors.items()}, seed=seed)),
                         (f"LoGra {a}x{b}", LoGra(a, b, seed=seed))]
             for name, comp in variants:
+                done = os.path.join(out, "results", task, f"{name.replace(' ', '_')}_r{r}_seed{seed}.json")
+                if os.path.exists(done):        # finished in an earlier run: reuse (delete OUT/results to redo)
+                    rows += json.load(open(done))
+                    print(f"  [{task}] {name} r={r} seed={seed}: reused {done}", flush=True)
+                    continue
+                first = len(rows)
                 _, tr, qu, feat_s = _features(model, task, comp, train_dl, query_dl)
                 gn, secs = _gn_variants(tr, qu, gt, seed)
                 record(name, r, seed, tr, feat_s, gn, secs)
@@ -181,6 +187,10 @@ def run_task(task: str, s: LDSSettings, out, progress: bool, report: Report) -> 
                         v = float(lds(sc, gt).mean)
                         record(f"{ename} (Dropout feats)", r, seed, tr, feat_s,
                                {"rule": v, "chosen": float("nan"), "oracle": v, "oracle_factor": 0.1}, {"rule": t})
+                os.makedirs(os.path.dirname(done), exist_ok=True)
+                with open(done + ".tmp", "w") as f:
+                    json.dump(rows[first:], f)
+                os.replace(done + ".tmp", done)
     d_total = sum(p.numel() for n, p in model.named_parameters()
                   if any(n.startswith(l.name + ".") for l in probe.layers))
     if d_total * size.n_train * 4 <= 2e9:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-from dropinf_experiments import mislabel, r_sweep, retrain_images, retrain_lm, timing
+from dropinf_experiments import lds, mislabel, r_sweep, retrain_images, retrain_lm, timing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +70,26 @@ def test_timing_smoke(tmp_path):
     data = rows(tmp_path / "timing.csv")
     assert len({r["setting"] for r in data}) == 3
     assert {r["compressor"] for r in data} == {"Identity", "Gaussian", "LoGra", "Dropout"}
+
+
+def test_lds_smoke(tmp_path):
+    res = lds.run("smoke", out=tmp_path, progress=False)
+    text = check_report(tmp_path, ["Task mlp", "Task cnn", "Task lm", "LDS (oracle λ)"],
+                        ["lds_mlp.png", "lds_cnn.png", "lds_lm.png", "lds.csv"])
+    methods = {r["method"] for r in res}
+    assert {"Dropout", "Dropout+rot", "Dropout+rot+budget", "Gaussian", "Orig"} <= methods
+    assert any(m.startswith("LoGra") for m in methods) and any("ens." in m for m in methods)
+    for r in res:      # equal bytes within a budget (Orig aside): every variant keeps the same total
+        if r["method"] != "Orig":
+            same = [x["bytes"] for x in res if x["task"] == r["task"] and x["r"] == r["r"] and x["method"] != "Orig"]
+            assert len(set(same)) == 1, (r["task"], r["r"], same)
+        assert -1.0 <= r["lds_rule"] <= 1.0
+    assert "| Dropout+rot |" in text
+    # the cached ground truth is reused: a second run retrains nothing
+    import time
+    t0 = time.perf_counter()
+    lds.ground_truth("mlp", lds.PRESETS["smoke"], tmp_path, False)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_reproduce_cli_help_and_missing_data_message(tmp_path):

@@ -59,9 +59,10 @@ def _sylvester(m: int, device, dtype) -> torch.Tensor:
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh–Hadamard transform along the last dimension (a power of two): x H/√p.
 
-    H_p = H_{m_1} ⊗ … ⊗ H_{m_j} with every m ≤ 64, applied as j batched matmuls along the axes of
-    the index written in mixed radix: O(p·Σ m_i) per row through BLAS instead of log p passes.
-    Symmetric and its own inverse."""
+    H_p = H_{m_1} ⊗ … ⊗ H_{m_j} with every m ≤ 64. Each step is one GEMM of (N·p/m, m) by H_m on
+    the last axis of the mixed-radix index, then moves that axis to the front; after j steps
+    every axis is done and the order is back: O(p·Σ m_i) per row through BLAS instead of log p
+    elementwise passes. Symmetric and its own inverse."""
     p = x.shape[-1]
     k = p.bit_length() - 1
     if p != 1 << k:
@@ -70,14 +71,12 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         return x
     lead = x.shape[:-1]
     y = x.reshape(-1, p)
+    n = y.shape[0]
     n_f = -(-k // _FACTOR_BITS)
     bits = [k // n_f + (1 if i < k % n_f else 0) for i in range(n_f)]
-    inner = p
-    for b in bits:          # axis t of the mixed-radix index: (outer, m, inner)
+    for b in reversed(bits):
         m = 1 << b
-        inner //= m
-        h = _sylvester(m, y.device, y.dtype)
-        y = torch.matmul(h, y.reshape(-1, m, inner)).reshape(-1, p)
+        y = (y.reshape(-1, m) @ _sylvester(m, y.device, y.dtype)).reshape(n, p // m, m).transpose(1, 2).reshape(n, p)
     return (y / math.sqrt(p)).reshape(*lead, p)
 
 
