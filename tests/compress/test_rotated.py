@@ -148,3 +148,17 @@ def test_rotated_graddot_scores_are_unbiased_for_orig_with_scale():
         a.featurize(loader(ds))
         acc += a.score(loader(ds)) / 40
     assert np.corrcoef(acc.ravel(), want.ravel())[0, 1] > 0.95
+
+
+def test_plain_dropout_on_a_view_output_modified_in_place():
+    """HF Conv1D returns x.view(...); an in-place op on that view (relu_ in Mixed) used to give the
+    output a new grad_fn, so the capture hook never fired and the self-check refused the layer."""
+    torch.manual_seed(1)
+    model = Mixed().double().eval()
+    batch = mixed_batch(seed=2)
+    layers = select_layers(model, "all")
+    comps = {l.name: Dropout(r=9, seed=0).build(l) for l in layers}
+    feats, _ = BatchCapture(model, mixed_loss, layers, comps, check="always")(batch)
+    (c1d,) = [l for l in layers if l.name == "c1d"]
+    want = comps["c1d"].from_flat(loop_grads(model, mixed_loss, batch, c1d.param_names))
+    torch.testing.assert_close(feats["c1d"].double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
