@@ -11,7 +11,7 @@ from torch import nn
 from dropinf import Attributor, Dropout, GaussNewton, GradDot, Identity
 from dropinf.capture.engine import BatchCapture
 from dropinf.capture.layers import select_layers
-from dropinf.compress.rotated import hadamard, next_pow2
+from dropinf.compress.rotated import hadamard, hadamard_channels, next_pow2
 from tests.helpers import ce_loss, loader, loop_grads, tiny_data, tiny_mlp
 
 
@@ -25,6 +25,8 @@ def test_hadamard_is_orthogonal_and_its_own_inverse(p):
         h = hadamard(torch.eye(p, dtype=torch.float64))
         torch.testing.assert_close(h @ h.T, torch.eye(p, dtype=torch.float64))
         assert torch.allclose(h.abs(), torch.full_like(h, p ** -0.5))
+    xc = torch.randn(3, p, 5, dtype=torch.float64)       # the channel-first form used for convolutions
+    torch.testing.assert_close(hadamard_channels(xc), hadamard(xc.transpose(1, 2)).transpose(1, 2))
 
 
 class Mixed(nn.Module):

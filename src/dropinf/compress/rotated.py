@@ -80,6 +80,27 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return (y / math.sqrt(p)).reshape(*lead, p)
 
 
+def hadamard_channels(x: torch.Tensor) -> torch.Tensor:
+    """The same transform along dim 1 of a (B, p, L) tensor that is contiguous that way (conv
+    patches and output-gradients, channel-first): each factor is a left multiplication
+    H_m @ (…, m, stride) — B·(p/m)… GEMMs over whole rows of L, no transposes."""
+    b, p, length = x.shape
+    k = p.bit_length() - 1
+    if p != 1 << k:
+        raise ValueError(f"hadamard needs a power-of-two length, got {p}")
+    if p == 1:
+        return x
+    n_f = -(-k // _FACTOR_BITS)
+    bits = [k // n_f + (1 if i < k % n_f else 0) for i in range(n_f)]
+    y = x.contiguous()
+    stride = p
+    for bt in bits:        # axis t of the channel index: (B·prefix, m, (stride/m)·L)
+        m = 1 << bt
+        stride //= m
+        y = torch.matmul(_sylvester(m, y.device, y.dtype), y.reshape(-1, m, stride * length))
+    return y.reshape(b, p, length) / math.sqrt(p)
+
+
 class _Side:
     """One side's rotation R = H·D/√p applied to vectors of length n (zero-padded to p)."""
 
@@ -102,6 +123,19 @@ class _Side:
         if x.shape[-1] < self.p:
             x = torch.nn.functional.pad(x, (0, self.p - x.shape[-1]))
         return hadamard(x * s)
+
+    def channels(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate the channel axis of a (B, L, C) tensor whose transpose (B, C, L) is contiguous,
+        and return (B, L, p) with the same channel-first layout (the fused conv gather's fast path)."""
+        if self.signs is None:
+            return x
+        xc = x.transpose(1, 2)
+        key = (x.device, x.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.signs.to(x.device, x.dtype)
+        if xc.shape[1] < self.p:
+            xc = torch.nn.functional.pad(xc, (0, 0, 0, self.p - xc.shape[1]))
+        return hadamard_channels(xc * self._cache[key][:, None]).transpose(1, 2)
 
 
 class RotatedDropoutLayer(LayerCompressorBase):
@@ -167,8 +201,12 @@ class RotatedDropoutLayer(LayerCompressorBase):
             return super().from_uses(uses)
         (u,) = uses
         side_in, side_out = self._in_out()
-        a = u.a if u.spec.kind == "embedding" else side_in(u.a)   # token ids stay ids
-        d = side_out(u.d)
+        if u.spec.kind == "embedding":
+            a, d = u.a, side_out(u.d)                  # token ids stay ids
+        elif u.a.shape[1] > 1 and u.a.transpose(1, 2).is_contiguous() and u.d.transpose(1, 2).is_contiguous():
+            a, d = side_in.channels(u.a), side_out.channels(u.d)     # conv: keep channel-first
+        else:
+            a, d = side_in(u.a), side_out(u.d)
         maps = self._maps.setdefault(u.d.device, {})
         out = Use(self.vspec, a, d).gather(self.indices, maps)
         return out * self.factor if self.factor != 1.0 else out
