@@ -160,9 +160,10 @@ def run_task(task: str, s: LDSSettings, out, progress: bool, report: Report) -> 
             budget = split_budget(model, T.loss_fn(task), train_dl, total, track=_track(task), rule="energy",
                                   seed=seed)
             a, b = _logra(r)
-            variants = [("Dropout", plain), ("Dropout+rot", Dropout(r=r, seed=seed, rotate=True)),
+            per_layer = {n: c.r for n, c in probe.compressors.items()}    # r capped at d_l: equal bytes
+            variants = [("Dropout", plain), ("Dropout+rot", Dropout(r=per_layer, seed=seed, rotate=True)),
                         ("Dropout+rot+budget", Dropout(r=budget, seed=seed, rotate=True)),
-                        ("Gaussian", Gaussian(r={n: c.r for n, c in probe.compressors.items()}, seed=seed)),
+                        ("Gaussian", Gaussian(r=per_layer, seed=seed)),
                         (f"LoGra {a}x{b}", LoGra(a, b, seed=seed))]
             for name, comp in variants:
                 done = os.path.join(out, "results", task, f"{name.replace(' ', '_')}_r{r}_seed{seed}.json")
