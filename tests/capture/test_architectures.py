@@ -60,8 +60,14 @@ def test_resnet18_bn_eval_inplace_relu_and_residual(track):
     randomize_bn(model)
     layers = check_against_loop(model, images(3), track)
     assert len(layers) == (1 if track is None else 21)
-    if track is not None:    # rotated dropout through the same hooks (convs rotated on their patches)
-        check_against_loop(model, images(2), track, compressor=Dropout(r=40, seed=1, rotate=True))
+    if track is not None:    # rotated dropout through the same hooks, both ways (see RotatedDropoutLayer.path)
+        from dropinf.compress.rotated import RotatedDropoutLayer
+        for path in ("rotate", "full"):
+            RotatedDropoutLayer.path = path
+            try:
+                check_against_loop(model, images(2), track, compressor=Dropout(r=40, seed=1, rotate=True))
+            finally:
+                RotatedDropoutLayer.path = "auto"
 
 
 @pytest.mark.parametrize("track", [None, [nn.Conv2d, nn.Linear]], ids=["default", "conv+linear"])

@@ -63,8 +63,17 @@ def mixed_loss(model, batch):
     return nn.functional.cross_entropy(model((ids, img)), y, reduction="none")
 
 
+@pytest.fixture(params=["rotate", "full", "auto"])
+def rotated_path(request, monkeypatch):
+    """Both ways the hook computes rotated entries (rotate the inputs/output-grads, or form the
+    per-example weight gradient and rotate it), and the automatic choice between them."""
+    from dropinf.compress.rotated import RotatedDropoutLayer
+    monkeypatch.setattr(RotatedDropoutLayer, "path", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("r", [7, 40, 100_000])
-def test_fused_entries_equal_rotated_loop_gradient_entries(r):
+def test_fused_entries_equal_rotated_loop_gradient_entries(r, rotated_path):
     torch.manual_seed(0)
     model = Mixed().double().eval()
     batch = mixed_batch()

@@ -138,7 +138,21 @@ class _Side:
         return hadamard_channels(xc * self._cache[key][:, None]).transpose(1, 2)
 
 
+def _rotation_cost(p: int) -> int:
+    """Multiply-adds per vector of the factored Hadamard: p · Σ m_i."""
+    k = p.bit_length() - 1
+    if k <= 0:
+        return 0
+    n_f = -(-k // _FACTOR_BITS)
+    return p * sum(1 << (k // n_f + (1 if i < k % n_f else 0)) for i in range(n_f))
+
+
 class RotatedDropoutLayer(LayerCompressorBase):
+    #: "auto": per call, the cheaper of rotating the T inputs/output-grads (O(T·p·Σm)) and forming
+    #: each example's weight gradient once and rotating it (O(T·d_out·d_in) + O(d·Σm)); narrow
+    #: convolutions with many positions are cheaper the second way. "rotate"/"full" force one (tests).
+    path = "auto"
+
     def __init__(self, layer: LayerSpec, r: int, seed: int, scale: bool):
         self.dim, self.name = layer.dim, layer.name
         use = layer.uses[0] if layer.kind == "fused" and len(layer.uses) == 1 else None
@@ -201,6 +215,13 @@ class RotatedDropoutLayer(LayerCompressorBase):
             return super().from_uses(uses)
         (u,) = uses
         side_in, side_out = self._in_out()
+        if u.spec.kind != "embedding" and self.path != "rotate":
+            t, rows, cols = u.a.shape[1], u.spec.rows, u.spec.cols
+            rotate_cost = t * (_rotation_cost(side_in.p) + _rotation_cost(side_out.p))
+            # form Σ_t δ_t a_tᵀ, rotate its columns (rows of them), then its rows (p_cols of them)
+            full_cost = t * rows * cols + rows * _rotation_cost(self.cols.p) + self.cols.p * _rotation_cost(self.rows.p)
+            if self.path == "full" or full_cost <= rotate_cost:
+                return super().from_uses(uses)       # per-example gradient, then rotated (from_flat)
         if u.spec.kind == "embedding":
             a, d = u.a, side_out(u.d)                  # token ids stay ids
         elif u.a.shape[1] > 1 and u.a.transpose(1, 2).is_contiguous() and u.d.transpose(1, 2).is_contiguous():
