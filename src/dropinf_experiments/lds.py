@@ -265,9 +265,14 @@ def run(preset: str = "fast", out: str = "reports/lds", progress: bool = True):
         print(f"[lds] task {task}", flush=True)
         rows = run_task(task, s, out, progress, report)
         all_rows += rows
-        report.add(f"Task {task}", _table(rows) + f"\n\n![LDS {task}](lds_{task}.png)\n")
+        ens = [x for x in rows if "topk_stability" in x]
+        ens_text = ("\n\nEnsembles (members' agreement): " + "; ".join(
+            f"r={x['r']} seed {x['seed']}: top-10 stability {x['topk_stability']:.2f}, mean per-score std "
+            f"{x['score_std']:.3g}" for x in ens)) if ens else ""
+        report.add(f"Task {task}", _table(rows) + ens_text + f"\n\n![LDS {task}](lds_{task}.png)\n")
         _plots(task, rows, report)
-        report.csv("lds.csv", list(all_rows[0].keys()), [list(x.values()) for x in all_rows])
+        keys = list(dict.fromkeys(k for x in all_rows for k in x))      # union: rows differ in columns
+        report.csv("lds.csv", keys, [[x.get(k, "") for k in keys] for x in all_rows])
         report.write()
     print((report.out / "report.md").read_text())
     return all_rows
