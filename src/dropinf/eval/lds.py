@@ -259,7 +259,10 @@ def loo_correlation(scores: np.ndarray, full: np.ndarray, truth: GroundTruth, me
     if scores.ndim != 2 or scores.shape[0] != truth.n_queries or scores.shape[1] != truth.masks.shape[1]:
         raise ValueError(f"scores must be (n_query, n_train) = ({truth.n_queries}, {truth.masks.shape[1]}), "
                          f"got {scores.shape}")
-    actual = truth.mean - np.asarray(full, dtype=np.float64).reshape(1, -1)   # (R, Q)
+    full = np.asarray(full, dtype=np.float64).reshape(-1)
+    if full.shape[0] != truth.n_queries:
+        raise ValueError(f"full must hold one measurement per query ({truth.n_queries}), got {full.shape[0]}")
+    actual = truth.mean - full.reshape(1, -1)                                # (R, Q)
     predicted = -scores[:, order].T                                          # (R, Q)
     if method not in ("pearson", "spearman"):
         raise ConfigError(f"method must be 'pearson' or 'spearman', got {method!r}")
