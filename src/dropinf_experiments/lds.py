@@ -10,12 +10,14 @@ Methods, at each budget r per layer (bytes per example: 4 × the sum over layers
   Dropout           r coordinates per layer (the paper)
   Dropout+rot       randomized Hadamard rotation, then r coordinates (Dropout(rotate=True))
   Dropout+rot+budget  the same total split across layers by gradient energy (compress.split_budget)
-  Dropout+rot ×K    K disjoint masks of r/K (MaskEnsemble), scores averaged
-  Gaussian          dense N(0, 1/r) projection, r = B/L per layer
-  LoGra             √(B/L) × √(B/L) Kronecker projection per layer
-each with GaussNewton at the paper's damping rule (0.1 × mean squared entry) and at the damping
-chosen without retraining (estimators.choose_damping); and, on the Dropout features of the middle
-budget, the other estimators (Hessian-free, DataInf, LiSSA). Orig (no compression) where it fits.
+  Dropout+rot ×K    the rotated coordinates split into K disjoint masks (dropinf.ensemble), averaged
+  Gaussian          dense N(0, 1/r) projection, the same r per layer
+  LoGra             r_in × r_out = r Kronecker projection per layer
+each with GaussNewton at the paper's damping rule (0.1 × mean squared entry), at the damping
+chosen without retraining (estimators.choose_damping), and at the best of DAMPING_GRID (an oracle
+tuned on the ground truth); on the Dropout features of the largest budget, the other estimators
+(Hessian-free, DataInf, LiSSA). Orig (no compression) where its features fit in 2 GB.
+Every method's result is cached in OUT/results/TASK (delete it to recompute).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -139,7 +141,7 @@ def _save(path: str, rows: list[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run_task(task: str, s: LDSSettings, out, progress: bool, report: Report) -> list[dict]:
+def run_task(task: str, s: LDSSettings, out, progress: bool) -> list[dict]:
     from dropinf import Dropout, Gaussian, Identity, LoGra
     from dropinf.compress import split_budget
     from dropinf.ensemble import score_ensemble
@@ -263,7 +265,7 @@ def run(preset: str = "fast", out: str = "reports/lds", progress: bool = True):
     all_rows = []
     for task in s.tasks:
         print(f"[lds] task {task}", flush=True)
-        rows = run_task(task, s, out, progress, report)
+        rows = run_task(task, s, out, progress)
         all_rows += rows
         ens = [x for x in rows if "topk_stability" in x]
         ens_text = ("\n\nEnsembles (members' agreement): " + "; ".join(
