@@ -135,10 +135,10 @@ def _gn_variants(tr, qu, gt, seed):
 
 
 def _save(path: str, rows: list[dict]) -> None:
+    from pathlib import Path
+    from dropinf.store.disk import write_bytes_atomic
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(rows, f)
-    os.replace(path + ".tmp", path)
+    write_bytes_atomic(Path(path), json.dumps(rows))
 
 
 def run_task(task: str, s: LDSSettings, out, progress: bool) -> list[dict]:

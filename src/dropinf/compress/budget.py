@@ -16,7 +16,6 @@ import itertools
 from typing import Iterable
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
 
@@ -62,6 +61,7 @@ def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, rule:
     rule: "energy" (r_l ∝ E‖g_l‖²), "sqrt-energy" or "uniform". rotate: the budget is for
     Dropout(rotate=True) (caps are the rotated coordinates) or plain Dropout (caps d_l)."""
     from ..attribute import Attributor
+    from ..capture.functional import batch_size
     from .dropout import Dropout
 
     if rule not in RULES:
@@ -76,7 +76,7 @@ def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, rule:
     batches, seen = [], 0
     for batch in itertools.islice(loader, 10_000):
         batches.append(batch)
-        seen += _batch_len(batch)
+        seen += batch_size(batch)
         if seen >= pilot_examples:
             break
     feats = pilot.compute_features(batches, desc="pilot pass (layer budgets)")
@@ -86,12 +86,3 @@ def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, rule:
     weights = {n: energy[n] ** RULES[rule] if energy[n] > 0 else 0.0 for n in energy}
     return allocate(weights, caps, total, min_r)
 
-
-def _batch_len(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return _batch_len(batch[0])
-    return 1

@@ -56,6 +56,17 @@ def _sylvester(m: int, device, dtype) -> torch.Tensor:
     return h
 
 
+def _factors(p: int) -> list[int]:
+    """Sizes m_i ≤ 2^_FACTOR_BITS, near-equal powers of two, with Π m_i = p (a power of two)."""
+    k = p.bit_length() - 1
+    if p != 1 << k:
+        raise ValueError(f"hadamard needs a power-of-two length, got {p}")
+    if k == 0:
+        return []
+    n_f = -(-k // _FACTOR_BITS)
+    return [1 << (k // n_f + (1 if i < k % n_f else 0)) for i in range(n_f)]
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh–Hadamard transform along the last dimension (a power of two): x H/√p.
 
@@ -64,18 +75,13 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     every axis is done and the order is back: O(p·Σ m_i) per row through BLAS instead of log p
     elementwise passes. Symmetric and its own inverse."""
     p = x.shape[-1]
-    k = p.bit_length() - 1
-    if p != 1 << k:
-        raise ValueError(f"hadamard needs a power-of-two length, got {p}")
-    if p == 1:
+    factors = _factors(p)
+    if not factors:
         return x
     lead = x.shape[:-1]
     y = x.reshape(-1, p)
     n = y.shape[0]
-    n_f = -(-k // _FACTOR_BITS)
-    bits = [k // n_f + (1 if i < k % n_f else 0) for i in range(n_f)]
-    for b in reversed(bits):
-        m = 1 << b
+    for m in reversed(factors):
         y = (y.reshape(-1, m) @ _sylvester(m, y.device, y.dtype)).reshape(n, p // m, m).transpose(1, 2).reshape(n, p)
     return (y / math.sqrt(p)).reshape(*lead, p)
 
@@ -85,17 +91,12 @@ def hadamard_channels(x: torch.Tensor) -> torch.Tensor:
     patches and output-gradients, channel-first): each factor is a left multiplication
     H_m @ (…, m, stride) — B·(p/m)… GEMMs over whole rows of L, no transposes."""
     b, p, length = x.shape
-    k = p.bit_length() - 1
-    if p != 1 << k:
-        raise ValueError(f"hadamard needs a power-of-two length, got {p}")
-    if p == 1:
+    factors = _factors(p)
+    if not factors:
         return x
-    n_f = -(-k // _FACTOR_BITS)
-    bits = [k // n_f + (1 if i < k % n_f else 0) for i in range(n_f)]
     y = x.contiguous()
     stride = p
-    for bt in bits:        # axis t of the channel index: (B·prefix, m, (stride/m)·L)
-        m = 1 << bt
+    for m in factors:      # axis t of the channel index: (B·prefix, m, (stride/m)·L)
         stride //= m
         y = torch.matmul(_sylvester(m, y.device, y.dtype), y.reshape(-1, m, stride * length))
     return y.reshape(b, p, length) / math.sqrt(p)
@@ -113,16 +114,18 @@ class _Side:
             self.signs = torch.randint(0, 2, (self.p,), generator=g).to(torch.float64) * 2 - 1
         self._cache: dict = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.signs is None:
-            return x
+    def _signs_like(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
         if key not in self._cache:
             self._cache[key] = self.signs.to(x.device, x.dtype)
-        s = self._cache[key]
+        return self._cache[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signs is None:
+            return x
         if x.shape[-1] < self.p:
             x = torch.nn.functional.pad(x, (0, self.p - x.shape[-1]))
-        return hadamard(x * s)
+        return hadamard(x * self._signs_like(x))
 
     def channels(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate the channel axis of a (B, L, C) tensor whose transpose (B, C, L) is contiguous,
@@ -130,21 +133,14 @@ class _Side:
         if self.signs is None:
             return x
         xc = x.transpose(1, 2)
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.signs.to(x.device, x.dtype)
         if xc.shape[1] < self.p:
             xc = torch.nn.functional.pad(xc, (0, 0, 0, self.p - xc.shape[1]))
-        return hadamard_channels(xc * self._cache[key][:, None]).transpose(1, 2)
+        return hadamard_channels(xc * self._signs_like(x)[:, None]).transpose(1, 2)
 
 
 def _rotation_cost(p: int) -> int:
     """Multiply-adds per vector of the factored Hadamard: p · Σ m_i."""
-    k = p.bit_length() - 1
-    if k <= 0:
-        return 0
-    n_f = -(-k // _FACTOR_BITS)
-    return p * sum(1 << (k // n_f + (1 if i < k % n_f else 0)) for i in range(n_f))
+    return p * sum(_factors(p))
 
 
 class RotatedDropoutLayer(LayerCompressorBase):

@@ -86,6 +86,15 @@ def _digest(masks: np.ndarray) -> str:
     return hashlib.sha256(np.packbits(masks, axis=1).tobytes() + str(masks.shape).encode()).hexdigest()[:16]
 
 
+def _result_path(folder: Path, j: int, seed: int) -> Path:
+    return folder / f"subset{j:05d}_seed{seed}.npy"
+
+
+def _read_values(folder: Path, m: int, seeds) -> np.ndarray:
+    """(M, S, Q) measurements of a finished plan."""
+    return np.stack([np.stack([np.load(_result_path(folder, j, s)) for s in seeds]) for j in range(m)])
+
+
 def _job(train: Callable, measure: Callable, keep: np.ndarray, seed: int, path: str, threads: int) -> str:
     """One retraining (runs in a worker process or inline): train on keep, measure, save."""
     import torch
@@ -134,7 +143,7 @@ def build_ground_truth(train: Callable, measure: Callable, masks: np.ndarray, fo
     else:
         np.save(folder / "masks.npy", masks)
         plan_path.write_text(json.dumps(plan))
-    todo = [(j, s, str(folder / f"subset{j:05d}_seed{s}.npy")) for j in range(masks.shape[0]) for s in seeds]
+    todo = [(j, s, str(_result_path(folder, j, s))) for j in range(masks.shape[0]) for s in seeds]
     todo = [t for t in todo if not _readable(t[2])]
     from tqdm.auto import tqdm
     bar = tqdm(total=masks.shape[0] * len(seeds), initial=masks.shape[0] * len(seeds) - len(todo),
@@ -153,9 +162,7 @@ def build_ground_truth(train: Callable, measure: Callable, masks: np.ndarray, fo
             _job(train, measure, np.flatnonzero(masks[j]), s, p, threads_per_worker or 0)
             bar.update(1)
     bar.close()
-    values = np.stack([np.stack([np.load(folder / f"subset{j:05d}_seed{s}.npy") for s in seeds])
-                       for j in range(masks.shape[0])])
-    return GroundTruth(masks=masks, values=values, seeds=seeds)
+    return GroundTruth(masks=masks, values=_read_values(folder, masks.shape[0], seeds), seeds=seeds)
 
 
 def _readable(path: str) -> bool:
@@ -174,14 +181,12 @@ def load_ground_truth(folder: str | os.PathLike) -> GroundTruth:
         masks = np.load(folder / "masks.npy")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{folder} holds no ground truth ({exc}); build it with build_ground_truth") from exc
-    missing = [f"subset{j:05d}_seed{s}" for j in range(plan["m"]) for s in plan["seeds"]
-               if not _readable(str(folder / f"subset{j:05d}_seed{s}.npy"))]
+    missing = [_result_path(folder, j, s).stem for j in range(plan["m"]) for s in plan["seeds"]
+               if not _readable(str(_result_path(folder, j, s)))]
     if missing:
         raise ConfigError(f"{folder}: {len(missing)} of {plan['m'] * len(plan['seeds'])} retrainings are missing "
                           f"(first: {missing[0]}); re-run build_ground_truth with the same plan to finish them")
-    values = np.stack([np.stack([np.load(folder / f"subset{j:05d}_seed{s}.npy") for s in plan["seeds"]])
-                       for j in range(plan["m"])])
-    return GroundTruth(masks=masks, values=values, seeds=tuple(plan["seeds"]))
+    return GroundTruth(masks=masks, values=_read_values(folder, plan["m"], plan["seeds"]), seeds=tuple(plan["seeds"]))
 
 
 # ---------------------------------------------------------------- scores
