@@ -7,6 +7,7 @@ or top-k lists gathered, so 2 ranks give the same answer as 1 (up to float summa
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -24,9 +25,18 @@ def dist_info() -> tuple[int, int]:
             dist.init_process_group(backend="nccl")
         else:
             dist.init_process_group(backend="gloo")
+        # the group we opened is closed before interpreter teardown: left to static destructors,
+        # gloo's threads are destroyed while joinable and a rank aborts ("terminate called
+        # without an active exception", SIGABRT) after finishing its work
+        atexit.register(_close)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: int) -> None:
