@@ -161,14 +161,14 @@ def table(task, rows, methods, args) -> str:
     by = {m: [r for r in rows if r["method"] == m] for m in methods}
 
     def med(m, key):
-        v = [r[key] for r in by[m] if key in r]
+        v = [r[key] for r in by.get(m, []) if key in r]
         return float(np.median(v)) if v else None
     ok = [m for m in methods if m.startswith("dropinf") and med(m, "attr_s") is not None]
     if task in T.QUALITY:
         qual = {m: [r["quality"] for r in by[m] if "quality" in r] for m in methods}
         best = max(ok, key=lambda m: np.mean(qual[m]), default=None)
-    else:
-        best = min(ok, key=lambda m: med(m, "attr_s"), default=None)
+    else:   # throughput: against the physical limit, one plain forward+backward over the same data
+        best = "plain forward+backward" if med("plain forward+backward", "attr_s") is not None else None
     head = ["method", "attribution s", "process s", "peak RSS MB", qname, "corr. with dropinf", f"time / {best}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
@@ -209,6 +209,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant (default 600 fast, 1800 full)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
     p.add_argument("--out", default=None, help="output folder (default reports/peers/PRESET)")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from OUT/results.json, run nothing")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -232,11 +233,16 @@ def main() -> None:
     import platform
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}"
     report = [f"# dropinf beside its peers ({args.preset})", "",
-              f"{time.strftime('%Y-%m-%d')}; {machine}; command: `python benchmarks/peers/run.py --{args.preset}`; "
-              f"{repeats} round(s); timeout {args.timeout:.0f} s per variant. Attribution s = featurize + precondition "
-              "+ score (model already trained), median over rounds; process s = the whole child process; peak RSS = "
-              "the child's ru_maxrss.", ""]
-    all_rows = []
+              f"Command: `python benchmarks/peers/run.py --{args.preset}`. Attribution s = featurize + precondition "
+              "+ score (the model is already trained), median over rounds; process s = the whole child process "
+              "(imports, model and data loading included); peak RSS = the child's ru_maxrss; quality = mean ± std "
+              "over rounds; corr. with dropinf = Pearson correlation of the oriented scores with dropinf's first "
+              "variant (a negative value would mean the orientation is wrong); time / X = attribution seconds over "
+              "dropinf's best variant (best quality), and over one plain forward+backward pass on the throughput task.", ""]
+    results = out / "results.json"
+    kept = [r for r in (json.loads(results.read_text()) if results.exists() else []) if r["task"] not in tasks]
+    if args.report_only:
+        kept, tasks = json.loads(results.read_text()), []
     log = open(out / "runs.log", "a")
     for task in tasks:
         prepare(task, args.preset, out, args.threads)
@@ -246,16 +252,24 @@ def main() -> None:
             for m in names:
                 print(f"[{task}] round {rep + 1}/{repeats}: {m} ...", end=" ", flush=True)
                 row = run_one(task, m, args, seed=rep, log=log)
-                row.update(task=task, method=m, seed=rep)
+                row.update(task=task, method=m, seed=rep, date=time.strftime("%Y-%m-%d"), machine=machine,
+                           timeout=args.timeout, repeats=repeats)
                 rows.append(row)
                 print(row.get("error") or f"{row['attr_s']:.1f} s attribution, {row['peak_rss_mb']:.0f} MB", flush=True)
         quality(task, rows, args)
-        tab = table(task, rows, names, args)
-        print(f"\n## {TITLES[task]}\n\n{tab}\n", flush=True)
-        report += [f"## {TITLES[task]}", "", tab, ""]
-        all_rows += rows
-        (out / "results.json").write_text(json.dumps(all_rows, indent=1))
-        (out / "report.md").write_text("\n".join(report))
+        print(f"\n## {TITLES[task]}\n\n{table(task, rows, names, args)}\n", flush=True)
+        kept += rows
+        results.write_text(json.dumps(kept, indent=1))
+    # the report covers every task in results.json (a run of --tasks X replaces only X's rows)
+    for task in M.METHODS:
+        rows = [r for r in kept if r["task"] == task]
+        if rows:
+            names = list(dict.fromkeys(r["method"] for r in rows))
+            r0 = rows[0]
+            report += [f"## {TITLES[task]}", "", f"{r0.get('date', '?')}; {r0.get('machine', '?')}; "
+                       f"{r0.get('repeats', 1)} round(s); timeout {r0.get('timeout', 0):.0f} s per variant.", "",
+                       table(task, rows, names, args), ""]
+    (out / "report.md").write_text("\n".join(report))
     print(f"report: {out / 'report.md'}")
 
 
