@@ -205,6 +205,7 @@ def dattri_block(kind: str, proj_dim: int, score: bool = True):
             batch = [batch[k] for k in keys] if keys else batch
             return ctx.loss(model, [t.to(device) for t in batch]).sum()
         train, query = (ctx.train, ctx.query) if keys is None else (_Dicts(ctx.train, keys), _Dicts(ctx.query, keys))
+        os.chdir(ctx.workdir)                      # dattri writes batch_metadata.json into the working directory
         torch.manual_seed(ctx.seed)
         with ctx.timer:
             task = AttributionTask(loss_func=loss, model=ctx.model, checkpoints=ctx.model.state_dict())
