@@ -24,7 +24,6 @@ Settings, chosen to be each library's documented default where it has one, at co
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+from _common import rss_mb  # noqa: E402  (the benchmarks' one peak-RSS reader)
 
 
 class Timer:
@@ -43,10 +44,6 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds += time.perf_counter() - self.t0
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ------------------------------------------------------------------ child: one variant
