@@ -76,6 +76,22 @@ def dropinf(r: int, rotate: bool = False, estimator: str = "gn"):
     return run
 
 
+def dropinf_ensemble(r: int, members: int):
+    """Rotated Dropout of r per layer, split into ``members`` disjoint masks of r/members, each fitted
+    and scored on its own, scores averaged (dropinf.ensemble)."""
+    def run(ctx: Ctx):
+        from dropinf import Attributor, Dropout, GaussNewton
+        from dropinf.ensemble import score_ensemble
+        with ctx.timer:
+            attr = Attributor(ctx.model, ctx.loss, compressor=Dropout(r=r, seed=ctx.seed, rotate=True),
+                              estimator=GaussNewton(), track=ctx.names, progress=True)
+            attr.featurize(ctx.loader(ctx.train))
+            query = attr.compute_features(ctx.loader(ctx.query), desc="query features")
+            scores = score_ensemble(attr.train_source, query, GaussNewton(), members, seed=ctx.seed).mean
+        return {"scores": scores, "sign": 1}
+    return run
+
+
 def plain_pass(ctx: Ctx):
     """The physical limit beside the throughput rows: one forward+backward of the summed loss over
     the training data, no attribution."""
@@ -324,6 +340,8 @@ _MLP = {
     "dropinf Dropout r=1024": dropinf(1024),
     "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
     "dropinf Dropout+rot r=4096": dropinf(4096, rotate=True),
+    "dropinf Dropout+rot r=4096 x4 ens.": dropinf_ensemble(4096, 4),
+    "dropinf Dropout+rot r=2048 x2 ens.": dropinf_ensemble(2048, 2),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX LoGra 32x32": logix(32),
@@ -337,6 +355,8 @@ _MLP = {
 _TWEETS = {
     "dropinf Dropout r=16": dropinf(16),
     "dropinf Dropout r=64": dropinf(64),
+    "dropinf Dropout r=256": dropinf(256),
+    "dropinf Dropout+rot r=256 x4 ens.": dropinf_ensemble(256, 4),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),

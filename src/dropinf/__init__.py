@@ -7,7 +7,8 @@ up-weighting train example i raises query q's loss (harmful), negative when it h
 from .attribute import Attributor, CaptureOptions
 from .compress import Dropout, Gaussian, Identity, LoGra
 from .errors import (CaptureCheckError, ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
-                     IncompatibleMethodError, NonFiniteGradientError, NoTrackableLayersError)
+                     IncompatibleMethodError, LossShapeError, MissingDataError, NonFiniteGradientError,
+                     NoTrackableLayersError, StoreError)
 from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
 from .score import ScoreOptions, TopK
 from .store import Features
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Attributor", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
            "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "ConfigError", "EmptyDataError",
-           "FeatureMismatchError", "IncompatibleMethodError", "NonFiniteGradientError",
-           "NoTrackableLayersError"]
+           "FeatureMismatchError", "IncompatibleMethodError", "LossShapeError", "MissingDataError",
+           "NonFiniteGradientError", "NoTrackableLayersError", "StoreError"]

@@ -172,13 +172,14 @@ class Attributor:
     def _batch_to_device(self, batch):
         return _to(batch, self.device)
 
-    def compute_features(self, loader: Iterable, desc: str = "features") -> Features:
-        """Compressed per-example gradients of every example the loader yields, as rows in
+    def compute_features(self, loader: Iterable, desc: str = "features", measure: LossFn | None = None) -> Features:
+        """Compressed per-example gradients of every example the loader yields (of ``measure``
+        instead of the loss when given: dropinf.measures), as rows in
         increasing dataset-id order (``Features.ids``): a shuffled loader or a collate function that
         drops examples gives rows keyed by their dataset index, never misaligned ones. Loaders that
         are not DataLoaders over map-style datasets number their examples 0, 1, ... in order."""
         from .store.ids import check_unique, indexed_loader
-        capture = BatchCapture(self.model, self.loss_fn, self.layers, self.compressors)
+        capture = BatchCapture(self.model, measure or self.loss_fn, self.layers, self.compressors)
         total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
         indexed = indexed_loader(loader)
         # preallocate when the size is known, so the features are never held twice (list + cat)
@@ -385,7 +386,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ scores
     def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None,
-              per_layer: bool = False, options: ScoreOptions | None = None):
+              per_layer: bool = False, options: ScoreOptions | None = None, measure: LossFn | None = None):
         """Influence scores, numpy float32 of shape (n_query, n_train) — or (1, n_train) with
         reduce="mean" (the query is the mean query gradient, paper eq. 1).
 
@@ -396,21 +397,23 @@ class Attributor:
         per_layer: return {layer: (n_query, n_train)} whose sum over layers is the score matrix
                    (which layers drive an attribution).
         options:   ScoreOptions (device, dtype, query/train batch sizes) for this call.
+        measure:   the query side's function instead of the loss, measure(model, batch) -> (B,)
+                   (dropinf.measures: margin, completion_nll, ...); the train side stays the loss.
         scores[q, i] > 0: train example i is harmful to query q (up-weighting it raises q's loss).
         """
         if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before score(query)")
-        return self._scorer(options).dense(self._query(query, reduce), out=out, per_layer=per_layer)
+        return self._scorer(options).dense(self._query(query, reduce, measure), out=out, per_layer=per_layer)
 
     def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none",
-             options: ScoreOptions | None = None) -> TopK:
+             options: ScoreOptions | None = None, measure: LossFn | None = None) -> TopK:
         """The k most helpful (most negative I) and most harmful (most positive I) train examples
         per query, as dataset ids (``train_ids``), without holding the (n_query, n_train) matrix."""
         if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before topk(query)")
         if k < 1:
             raise ConfigError("k must be ≥ 1")
-        top = self._scorer(options).topk(self._query(query, reduce), k)
+        top = self._scorer(options).topk(self._query(query, reduce, measure), k)
         ids = self.train_ids.numpy()
         return TopK(ids[top.helpful_idx], top.helpful_scores, ids[top.harmful_idx], top.harmful_scores)
 
@@ -431,14 +434,44 @@ class Attributor:
             raise ConfigError("call featurize(train_loader) before self_influence()")
         return self._scorer(options).self_influence()
 
-    def _query(self, query, reduce):
+    def token_scores(self, query, measure: LossFn, options: ScoreOptions | None = None) -> np.ndarray:
+        """Token-level influence, float32 (n_query, T, n_train): scores[q, t, i] is the influence of
+        train example i on token t of query q, for a measure returning (B, T) values (e.g.
+        ``dropinf.measures.token_nll``: which training examples drove each generated token).
+        Summed over t it equals ``score(query, measure=<the summed measure>)`` (influence is linear
+        in the measure). One backward pass per token column; batches of different T are padded
+        with zero scores. Only layers with fused hooks (Linear, Conv1D, Conv2d, Embedding, LoRA)."""
+        if self.preconditioner is None:
+            raise ConfigError("call featurize(train_loader) before token_scores(query, measure)")
+        capture = BatchCapture(self.model, measure, self.layers, self.compressors)
+        parts, n_q, T = [], 0, 0
+        total = getattr(getattr(query, "dataset", None), "__len__", lambda: None)()
+        with self._mode(), tqdm(total=total, desc="token features", unit="ex", disable=not self.progress) as bar:
+            for batch in query:
+                feats, values = capture.tokens(_to(batch, self.device))
+                bad, lays = nonfinite({k: v.flatten(1) for k, v in feats.items()}, n_q)
+                raise_nonfinite(bad, lays)
+                parts.append(feats)
+                n_q, T = n_q + values.shape[0], max(T, values.shape[1])
+                bar.update(values.shape[0])
+        if n_q == 0:
+            raise EmptyDataError("the query loader yielded no examples; pass a non-empty DataLoader.")
+        data = {l.name: torch.cat([torch.nn.functional.pad(p[l.name], (0, 0, 0, T - p[l.name].shape[1]))
+                                   for p in parts]).reshape(n_q * T, -1) for l in self.layers}
+        dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
+              for l in self.layers}
+        rows = Features(data, self.signature(), torch.zeros(n_q * T), dd, torch.arange(n_q * T))
+        return self.score(rows, options=options).reshape(n_q, T, -1)
+
+    def _query(self, query, reduce, measure=None):
         from .store.disk import FeatureStore
-        if isinstance(query, FeatureStore):
-            feats = query
-        elif isinstance(query, Features):
+        if isinstance(query, (FeatureStore, Features)):
+            if measure is not None:
+                raise ConfigError("measure= applies when the query is a loader (features are already captured "
+                                  "with their function); pass the query DataLoader instead.")
             feats = query
         else:
-            feats = self.compute_features(query, desc="featurize query")
+            feats = self.compute_features(query, desc="featurize query", measure=measure)
         ref = self.store.manifest["signature"] if self.store is not None else self.train_features.signature
         check_compatible(Features({}, feats.signature), Features({}, ref))
         if reduce == "mean":

@@ -35,6 +35,14 @@ class LossShapeError(DropinfError, ValueError):
     """loss_fn(model, batch) did not return one loss per example."""
 
 
+class StoreError(DropinfError, OSError):
+    """A store is missing, incomplete, truncated or corrupted; the message names the file."""
+
+
+class MissingDataError(DropinfError, FileNotFoundError):
+    """A real dataset or model that ships in a package is not installed; the message names the package."""
+
+
 class CaptureCheckError(DropinfError, RuntimeError):
     """The captured per-example gradients of a layer do not add up to the plain batch gradient
     (the self-check); the message names the layer and the likely cause."""

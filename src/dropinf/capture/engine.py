@@ -76,6 +76,50 @@ class BatchCapture:
                 f"Use reduction='none' (and sum over tokens per example for sequence losses).")
         return losses
 
+    def _make_hook(self, block: LayerSpec, use, B, acc: dict, fired: set, problems: list, keep: bool = False):
+        """Forward hook of one use of a fused block: on the call's output-gradient, compress (input,
+        δ) into (B, r) and add it to ``acc[block]``. keep=True holds the saved input for several
+        backward passes through one forward (token-level capture); otherwise it is released at once."""
+        comp = self.compressors[block.name]
+
+        def hook(mod, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return None
+            src = inputs[0]
+            version = src._version
+            x = src.detach()
+            if B is not None and B > 1 and x.shape[0] == 1:
+                # shared across the batch and broadcast later (e.g. position ids of shape
+                # (1, T)): expand so that each example's output-gradient stays separate
+                x = x.expand(B, *x.shape[1:])
+                output = output.expand(B, *output.shape[1:])
+            if output._is_view():
+                # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a
+                # new grad_fn and a hook on it never fires; the same storage as a non-view
+                # tensor keeps the hook on the output the module returned
+                output = torch.ops.aten._unsafe_view(output, output.shape)
+            saved = [x]
+
+            def on_grad(g):
+                if not saved:
+                    return None
+                xx = saved[0] if keep else saved.pop()   # released as soon as this call is compressed
+                if src._version != version:
+                    problems.append(f"the input of module {use.module!r} was modified in place after "
+                                    f"the call (version {version} → {src._version})")
+                    return None
+                n = xx.shape[0]
+                a = prepare(use, xx, n)
+                d3 = prepare_delta(use, g.detach(), n)
+                val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
+                acc[block.name] = val if block.name not in acc else acc[block.name] + val
+                fired.add(use.module)
+                return None
+
+            output.register_hook(on_grad)
+            return output
+        return hook
+
     def _run(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], set]:
         """Forward + backward with the compressing hooks. Returns ({block: (B, r)} for the blocks
         whose hooks fired, losses, {param name: batch gradient}, names of modules that fired)."""
@@ -87,52 +131,10 @@ class BatchCapture:
             B = batch_size(batch)
         except TypeError:
             B = None
-
-        def make_hook(block: LayerSpec, use):
-            comp = self.compressors[block.name]
-
-            def hook(mod, inputs, output):
-                if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-                    return None
-                src = inputs[0]
-                version = src._version
-                x = src.detach()
-                if B is not None and B > 1 and x.shape[0] == 1:
-                    # shared across the batch and broadcast later (e.g. position ids of shape
-                    # (1, T)): expand so that each example's output-gradient stays separate
-                    x = x.expand(B, *x.shape[1:])
-                    output = output.expand(B, *output.shape[1:])
-                if output._is_view():
-                    # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a
-                    # new grad_fn and a hook on it never fires; the same storage as a non-view
-                    # tensor keeps the hook on the output the module returned
-                    output = torch.ops.aten._unsafe_view(output, output.shape)
-                saved = [x]
-
-                def on_grad(g):
-                    if not saved:
-                        return None
-                    xx = saved.pop()            # released as soon as this call is compressed
-                    if src._version != version:
-                        problems.append(f"the input of module {use.module!r} was modified in place after "
-                                        f"the call (version {version} → {src._version})")
-                        return None
-                    n = xx.shape[0]
-                    a = prepare(use, xx, n)
-                    d3 = prepare_delta(use, g.detach(), n)
-                    val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
-                    acc[block.name] = val if block.name not in acc else acc[block.name] + val
-                    fired.add(use.module)
-                    return None
-
-                output.register_hook(on_grad)
-                return output
-            return hook
-
         grads: dict[str, torch.Tensor] = {}
         try:
             for block, use, mod in self.hooked:
-                handles.append(mod.register_forward_hook(make_hook(block, use)))
+                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems)))
             with torch.enable_grad():
                 losses = self._losses(batch)
                 if self.fused_params:
@@ -144,6 +146,52 @@ class BatchCapture:
             raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
                                     "avoid the in-place op (or clone the input) for tracked modules.")
         return acc, losses, grads, fired
+
+    def tokens(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token-level capture: ``loss_fn`` (here a measurement) returns (B, T) values, one per token;
+        one forward, then one backward per column t with the saved inputs kept, so row (b, t) is the
+        compressed gradient of value[b, t] alone. Returns ({block: (B, T, r_l)}, values (B, T)).
+        Only fused blocks (the torch.func fallback has no per-token form)."""
+        if self.func:
+            from ..errors import ConfigError
+            raise ConfigError(f"token-level scores need fused capture for every tracked layer; "
+                              f"{[l.name for l in self.func][:4]} go through torch.func. Leave them out of track=.")
+        acc: dict[str, torch.Tensor] = {}
+        fired: set[str] = set()
+        problems: list[str] = []
+        handles, cols = [], []
+        try:
+            B = batch_size(batch)
+        except TypeError:
+            B = None
+        try:
+            for block, use, mod in self.hooked:
+                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems,
+                                                                         keep=True)))
+            with torch.enable_grad():
+                values = self.loss_fn(self.model, batch)
+                if not isinstance(values, torch.Tensor) or values.dim() != 2:
+                    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                    raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
+                                         f"token), got {shape}. See dropinf.measures.token_nll.")
+                for t in range(values.shape[1]):
+                    acc.clear()
+                    col = values[:, t].sum()
+                    if col.requires_grad:
+                        torch.autograd.grad(col, self.fused_params, retain_graph=t + 1 < values.shape[1],
+                                            allow_unused=True)
+                    cols.append({l.name: (acc[l.name] if l.name in acc else
+                                          torch.zeros(values.shape[0], self.compressors[l.name].r,
+                                                      device=values.device)).detach().float()
+                                 for l in self.fused})
+        finally:
+            for h in handles:
+                h.remove()
+        if problems:
+            raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
+                                    "avoid the in-place op (or clone the input) for tracked modules.")
+        feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
+        return feats, values.detach()
 
     def _backward(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
         total = losses.sum()

@@ -30,6 +30,14 @@ def layer_seed(seed: int, layer_name: str, salt: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(layer_name.encode()) + salt * 7919) % (2**63 - 1)
 
 
+def check_seed(owner: str, seed) -> None:
+    """A compressor's seed must be an int: every index set / projection is derived from it, so a
+    missing seed would make features irreproducible and query/train sets inconsistent."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{owner} seed must be an int (the index sets / projections derive from it, and query "
+                          f"and train features must share them), got {seed!r}. Pass e.g. seed=0.")
+
+
 def resolve_r(r: RSpec, layer: LayerSpec) -> int:
     """r for one layer: an int, or a dict {name or glob pattern: int}: an exact name wins, then the
     first matching glob pattern, then "*"."""

@@ -17,7 +17,7 @@ import torch
 
 from ..capture.layers import LayerSpec
 from ..errors import ConfigError
-from .base import LayerCompressorBase, RSpec, layer_seed, resolve_r
+from .base import LayerCompressorBase, RSpec, check_seed, layer_seed, resolve_r
 
 #: version of the index sampler; part of the signature, so features drawn by another version are
 #: refused instead of silently mixing different index sets
@@ -97,8 +97,7 @@ class Dropout:
     kind: str = field(default="dropout", init=False)
 
     def __post_init__(self):
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"Dropout seed must be an int (the index sets derive from it), got {self.seed!r}")
+        check_seed("Dropout", self.seed)
         if not isinstance(self.rotate, bool):
             raise ConfigError(f"Dropout rotate must be True or False, got {self.rotate!r}")
         if self.sampler != SAMPLER:

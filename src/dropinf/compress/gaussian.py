@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..capture.layers import LayerSpec
-from .base import LayerCompressorBase, RSpec, layer_seed, resolve_r
+from .base import LayerCompressorBase, RSpec, check_seed, layer_seed, resolve_r
 
 
 class GaussianLayer(LayerCompressorBase):
@@ -58,6 +58,9 @@ class Gaussian:
     seed: int = 0
     block: int = 8192
     kind: str = field(default="gaussian", init=False)
+
+    def __post_init__(self):
+        check_seed("Gaussian", self.seed)
 
     def build(self, layer: LayerSpec) -> GaussianLayer:
         return GaussianLayer(layer, resolve_r(self.r, layer), self.seed, self.block)

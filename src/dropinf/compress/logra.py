@@ -23,7 +23,7 @@ import torch
 
 from ..capture.layers import LayerSpec
 from ..errors import IncompatibleMethodError
-from .base import LayerCompressorBase, layer_seed
+from .base import LayerCompressorBase, check_seed, layer_seed
 
 
 class LoGraLayer(LayerCompressorBase):
@@ -85,6 +85,9 @@ class LoGra:
     r_out: int = 8
     seed: int = 0
     kind: str = field(default="logra", init=False)
+
+    def __post_init__(self):
+        check_seed("LoGra", self.seed)
 
     def build(self, layer: LayerSpec) -> LoGraLayer:
         if layer.kind != "fused":

@@ -34,15 +34,14 @@ import crc32c
 import numpy as np
 import torch
 
-from ..errors import DropinfError, FeatureMismatchError
+from ..errors import DropinfError, FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
 
 FORMAT = "dropinf-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "bfloat16": (np.uint16, torch.bfloat16)}
 
 
-class StoreError(DropinfError, OSError):
-    """A store is missing, incomplete, truncated or corrupted; the message names the file."""
+
 
 
 def _tmp_name(path: Path) -> Path:

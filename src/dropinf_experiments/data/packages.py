@@ -5,11 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from dropinf.errors import DropinfError
-
-
-class MissingDataError(DropinfError, FileNotFoundError):
-    """A real dataset or model that ships in a package is not installed."""
+from dropinf.errors import MissingDataError  # noqa: F401  (defined in dropinf.errors; imported from here too)
 
 
 def package_dir(module: str, pip_name: str, what: str, no_deps: bool = True) -> Path:
