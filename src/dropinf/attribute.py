@@ -434,6 +434,31 @@ class Attributor:
             raise ConfigError("call featurize(train_loader) before self_influence()")
         return self._scorer(options).self_influence()
 
+    def report(self, query, out: str | Path = "report.html", **kw) -> Path:
+        """Write one self-contained HTML page to browse this attribution; returns its path.
+
+        For each query (from the ``query`` DataLoader): the query (text or image), its label,
+        prediction and loss, and its ``k`` most helpful and most harmful training examples with
+        dataset ids, labels, scores and content; the most suspicious training examples; score
+        histograms; the run's settings; what the sign means and any degenerate-run warnings.
+
+        k                      entries per side per query (default 10)
+        train_data, query_data map-style datasets to show examples from (default: the loaders')
+        render, query_render   render(example) -> str | image tensor | {"text", "image", "label"}
+                               (default: dropinf.report.default_render(tokenizer, label_names))
+        tokenizer, label_names for the default renderer (decode input_ids; class names)
+        predict                predict(model, batch) -> one prediction per example, shown per query
+        measure                the query-side function (dropinf.measures); default: the loss
+        suspicious             "self" (self-influence, default), "queries" (influence on the mean
+                               query: mislabel detection against clean queries), a validation
+                               DataLoader, or None
+        n_suspicious, marks    rows on that page; {train id: badge} or a bool array to mark
+                               (e.g. known flipped labels)
+        title                  the page title
+        """
+        from .report import attribution_report
+        return attribution_report(self, query, out, **kw)
+
     def token_scores(self, query, measure: LossFn, options: ScoreOptions | None = None) -> np.ndarray:
         """Token-level influence, float32 (n_query, T, n_train): scores[q, t, i] is the influence of
         train example i on token t of query q, for a measure returning (B, T) values (e.g.

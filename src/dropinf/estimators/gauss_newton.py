@@ -44,8 +44,10 @@ class GaussNewton:
         n = train.n
         kern = kernel_layers(train)
         st = gram_pass(train, device=ctx.device, part=ctx.part, kernel_layers=kern, progress=ctx.progress)
-        blocks, dropped = [], []
+        blocks, dropped, mean_eig = [], [], {}
         for name in train.layer_names():
+            # trace(G̃ᵀG̃/n)/r: the mean eigenvalue of H̃_l, beside λ_l for the damping diagnostic
+            mean_eig[name] = st.sumsq[name] / (n * train.layer_r(name))
             if dead_layer(name, st.sumsq[name]):
                 dropped.append(name)
                 continue
@@ -65,4 +67,4 @@ class GaussNewton:
                 r = st.gram[name].shape[0]
                 h = st.gram[name] / n + lam * torch.eye(r, dtype=torch.float64, device=st.gram[name].device)
                 blocks.append(Block((name,), spd_inverse(h, f"H̃ of layer {name!r}").cpu(), damping={name: lam}))
-        return Preconditioner(estimator_signature(self), n, blocks, dropped)
+        return Preconditioner(estimator_signature(self), n, blocks, dropped, {"hessian_mean_eig": mean_eig})
