@@ -8,6 +8,7 @@ import sys
 
 SIGN = ("Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 means training example i "
         "is harmful to query q (up-weighting it raises q's loss), < 0 means it helps.")
+ESTIMATORS = ["gauss-newton", "datainf", "lissa", "hessian-free", "exact"]
 
 
 def _compressor(a):
@@ -22,15 +23,60 @@ def _compressor(a):
 
 
 def _estimator(a):
-    from . import DataInf, GaussNewton, GradDot, LiSSA
+    from . import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA
     damp = dict(damping_factor=a.damping_factor, damping=a.damping)
     if a.estimator == "gauss-newton":
         return GaussNewton(**damp)
     if a.estimator == "datainf":
         return DataInf(**damp)
     if a.estimator == "lissa":
-        return LiSSA(iterations=a.iterations, **damp)
+        return LiSSA(iterations=a.iterations, scale=a.lissa_scale, hvp=a.lissa_hvp, **damp)
+    if a.estimator == "exact":
+        return ExactHessian(damping=a.damping or 0.0, max_dim=a.exact_max_dim)
     return GradDot()
+
+
+def _add_estimator(p):
+    g = p.add_argument_group("estimator (what stands for H^-1)")
+    g.add_argument("--estimator", choices=ESTIMATORS, default="gauss-newton",
+                   help="gauss-newton: per-layer damped Gauss-Newton (paper eq. 3, the default); datainf: "
+                        "Sherman-Morrison average (eq. 9-10); lissa: truncated Neumann series (eq. 7-8); "
+                        "hessian-free: plain gradient dot product; exact: the true Hessian by autograd, all layers "
+                        "jointly (small models only; re-reads the entry's train data)")
+    g.add_argument("--damping-factor", type=float, default=0.1,
+                   help="lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1; "
+                        "gauss-newton, datainf, lissa; default: %(default)s)")
+    g.add_argument("--damping", type=float, default=None,
+                   help="a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, "
+                        "default 0)")
+    g.add_argument("--iterations", type=int, default=10, help="lissa: recursion steps J (default: %(default)s)")
+    g.add_argument("--lissa-scale", type=float, default=None,
+                   help="lissa: the scale of the recursion (default: 1.1 x the largest eigenvalue, convergent; "
+                        "1 = the paper's literal recursion)")
+    g.add_argument("--lissa-hvp", choices=["gauss-newton", "model"], default="gauss-newton",
+                   help="lissa: Hessian-vector products of the compressed Gauss-Newton matrix, or of the model's "
+                        "true Hessian (default: %(default)s)")
+    g.add_argument("--exact-max-dim", type=int, default=20_000,
+                   help="exact: refuse models whose tracked parameter count exceeds this (default: %(default)s)")
+    g.add_argument("--device", default=None, help="where fit and scoring run, e.g. cuda, cuda:1, cpu "
+                                                  "(default: the model's device)")
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="precision of the scoring products (default: %(default)s)")
+    g.add_argument("--query-batch", type=int, default=2048,
+                   help="queries scored together (memory grows with it; default: %(default)s)")
+    p.add_argument("--measure", default="loss",
+                   help="the query side's function: 'loss' (default: the training loss) or a name in the entry's "
+                        "'measures' dict (e.g. a margin or the log-probability of a completion; see dropinf.measures)")
+
+
+def _measure(a, task):
+    if a.measure == "loss":
+        return None
+    if a.measure not in task.measures:
+        from .errors import ConfigError
+        raise ConfigError(f"--measure {a.measure!r}: the entry point defines no such measure; it defines "
+                          f"{sorted(task.measures) or 'none'} (return measures={{name: fn}} from it).")
+    return task.measures[a.measure]
 
 
 def _score_options(a):
@@ -84,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     fz = sub.add_parser("featurize", help="compress every training example's gradient into an on-disk store "
                                           "(resumable; run under torchrun for several processes)")
     _add_entry(fz, "store folder to create or resume")
-    fz.add_argument("--compressor", choices=["dropout", "gaussian", "logra", "identity"], default="dropout")
+    fz.add_argument("--compressor", choices=["dropout", "gaussian", "logra", "identity"], default="dropout",
+                    help="dropout: r random coordinates per layer (the paper's method, default); gaussian: dense "
+                         "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
+                         "compression (the paper's Orig)")
     fz.add_argument("--size", "--r", dest="r", type=int, default=64,
                     help="r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
                          "write --size (torchrun mistakes --r for its own options)")
     fz.add_argument("--r-in", type=int, default=8, help="LoGra input projection size")
     fz.add_argument("--r-out", type=int, default=8, help="LoGra output projection size")
-    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--seed", type=int, default=0, help="seeds the index sets / projections (default: %(default)s)")
     fz.add_argument("--scale", action="store_true", help="dropout: scale kept entries by sqrt(d/r)")
     fz.add_argument("--rotate", action="store_true",
                     help="dropout: rotate each layer's gradient by a seeded randomized Hadamard transform before "
@@ -98,39 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
     fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
                                                    "(default: every Linear)")
     fz.add_argument("--chunk-size", type=int, default=4096, help="rows per shard (default: %(default)s)")
-    fz.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    fz.add_argument("--no-progress", action="store_true")
+    fz.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="precision of the stored rows (half precision halves the disk; default: %(default)s)")
+    fz.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     for name, hlp in (("score", "write the full (n_query, n_train) score matrix to a .npy memmap"),
                       ("topk", "the k most helpful and most harmful training examples per query, as JSON")):
         p = sub.add_parser(name, help=hlp, description=hlp + ". " + SIGN)
         _add_entry(p)
-        p.add_argument("--estimator", choices=["gauss-newton", "datainf", "lissa", "hessian-free"],
-                       default="gauss-newton", help="what stands for H^-1 (default: %(default)s, the paper's eq. 3)")
-        p.add_argument("--damping-factor", type=float, default=0.1,
-                       help="lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1; "
-                            "default: %(default)s)")
-        p.add_argument("--damping", type=float, default=None,
-                       help="a fixed lambda for every layer instead of the rule (0 = undamped)")
-        p.add_argument("--iterations", type=int, default=10, help="LiSSA recursion steps (default: %(default)s)")
-        p.add_argument("--device", default=None, help="where fit and scoring run, e.g. cuda, cuda:1, cpu "
-                                                      "(default: the model's device)")
-        p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                       help="precision of the scoring products (default: %(default)s)")
-        p.add_argument("--query-batch", type=int, default=2048,
-                       help="queries scored together (memory grows with it; default: %(default)s)")
+        _add_estimator(p)
         p.add_argument("--reduce", choices=["none", "mean"], default="none",
                        help="mean: one query, the mean query gradient (influence on the mean query loss)")
         p.add_argument("--out", required=(name == "score"), default=None,
                        help="output file (.npy for score, .json for topk; topk prints if omitted)")
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if name == "topk":
-            p.add_argument("-k", type=int, default=10)
+            p.add_argument("-k", type=int, default=10, help="examples per side per query (default: %(default)s)")
+
+    rep = sub.add_parser("report", help="write one self-contained HTML page to browse an attribution: each query "
+                                        "with its most helpful and most harmful training examples (content, "
+                                        "labels, scores), the most suspicious training examples, histograms, "
+                                        "settings and warnings",
+                         description="Write an HTML attribution report (open it in any browser; no network). " + SIGN)
+    _add_entry(rep)
+    _add_estimator(rep)
+    rep.add_argument("--out", default="report.html", help="the HTML file to write (default: %(default)s)")
+    rep.add_argument("-k", type=int, default=10, help="training examples per side per query (default: %(default)s)")
+    rep.add_argument("--suspicious", choices=["self", "queries", "none"], default="self",
+                     help="rank training examples by self-influence (self), by influence on the mean query loss "
+                          "(queries: mislabel detection when the queries are a clean validation set), or skip that "
+                          "page (default: %(default)s)")
+    rep.add_argument("--n-suspicious", type=int, default=50, help="rows on the suspicious page (default: %(default)s)")
+    rep.add_argument("--title", default="dropinf attribution report", help="page title")
+    rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     info = sub.add_parser("info", help="what a store holds; verifies every shard's size and checksum and "
                                        "reports a truncated or corrupted store as damaged")
     info.add_argument("store", help="store folder")
-    info.add_argument("--no-verify", action="store_true", help="skip the checksums (sizes only; faster)")
+    info.add_argument("--no-verify", action="store_true", help="skip the checksums and the diagnostics (sizes "
+                                                               "only; faster)")
     return parser
 
 
@@ -182,8 +237,13 @@ def _run(args) -> int:
         return 0
     if args.cmd == "info":
         from .store.disk import FeatureStore
-        report = FeatureStore.open(args.store, require_complete=False).info(verify=not args.no_verify)
-        print(json.dumps(report, indent=1))
+        st = FeatureStore.open(args.store, require_complete=False)
+        report = st.info(verify=not args.no_verify)
+        from .report.diagnose import SIGN as LONG_SIGN, store_findings
+        report["sign"] = LONG_SIGN
+        if report["complete"] and not args.no_verify:
+            report["findings"] = [f.text() for f in store_findings(st)] or ["no problems detected"]
+        print(json.dumps(report, indent=1, default=str))
         return 1 if report["damaged"] else 0
     from .attribute import Attributor
     from .entry import load_entry
@@ -199,9 +259,20 @@ def _run(args) -> int:
         if dist_info()[0] == 0:
             print(json.dumps(store.info(), indent=1))
         return 0
-    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=_estimator(args),
-                                 progress=not args.no_progress, score_options=_score_options(args))
+    est = _estimator(args)
+    from . import ExactHessian
+    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=est,
+                                 progress=not args.no_progress, score_options=_score_options(args),
+                                 train_loader=task.loader("train") if isinstance(est, ExactHessian) else None)
+    attr._train_loader = attr._train_loader or task.loader("train")
     q = task.loader("query")
+    measure = _measure(args, task)
+    if args.cmd == "report":
+        sus = {"none": None}.get(args.suspicious, args.suspicious)
+        path = attr.report(q, args.out, k=args.k, measure=measure, suspicious=sus, n_suspicious=args.n_suspicious,
+                           title=args.title, **task.report_options())
+        print(f"wrote {path}: open it in a browser. {SIGN}")
+        return 0
     if args.cmd == "score":
         import numpy as np
         from pathlib import Path
@@ -218,12 +289,12 @@ def _run(args) -> int:
         barrier(world)
         if rank != 0:
             out = np.lib.format.open_memmap(args.out, mode="r+")
-        attr.score(q, reduce=args.reduce, out=out)
+        attr.score(q, reduce=args.reduce, out=out, measure=measure)
         out.flush()
         if rank == 0:
             print(f"wrote {args.out}: float32 ({n_q}, {attr.store.n}). {SIGN}")
         return 0
-    top = attr.topk(q, k=args.k, reduce=args.reduce)
+    top = attr.topk(q, k=args.k, reduce=args.reduce, measure=measure)
     from .dist import dist_info
     if dist_info()[0] != 0:
         return 0

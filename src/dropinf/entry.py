@@ -8,6 +8,11 @@ The function takes no arguments and returns a dict (or an object with these attr
     query       map-style Dataset of query examples (needed by `score` / `topk`)
     collate_fn  optional, for both datasets
     batch_size  optional, default 32
+    measures    optional {name: measure(model, batch) -> (B,)}: query-side functions for --measure
+                (dropinf.measures)
+    render, tokenizer, label_names, predict, marks
+                optional, for `dropinf report` (see Attributor.report): how to show an example,
+                decode text, name classes, predict a query's label, and badge training ids
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class Task:
     query: Any = None
     collate_fn: Callable | None = None
     batch_size: int = 32
+    measures: dict = None
+    report: dict = None
+
+    def report_options(self) -> dict:
+        return {k: v for k, v in (self.report or {}).items() if v is not None}
 
     def loader(self, which: str) -> torch.utils.data.DataLoader:
         ds = getattr(self, which)
@@ -57,4 +67,9 @@ def load_entry(spec: str) -> Task:
     missing = [k for k in ("model", "loss_fn", "train") if get(k) is None]
     if missing:
         raise ConfigError(f"entry point {spec!r} must return model, loss_fn and train; missing {missing}")
-    return Task(get("model"), get("loss_fn"), get("train"), get("query"), get("collate_fn"), int(get("batch_size", 32)))
+    measures = get("measures") or {}
+    if not isinstance(measures, dict) or not all(callable(f) for f in measures.values()):
+        raise ConfigError(f"entry point {spec!r}: measures must be a dict {{name: measure(model, batch)}}")
+    report = {k: get(k) for k in ("render", "tokenizer", "label_names", "predict", "marks")}
+    return Task(get("model"), get("loss_fn"), get("train"), get("query"), get("collate_fn"), int(get("batch_size", 32)),
+                measures, report)

@@ -23,5 +23,7 @@ def build():
     x = torch.randn(n + 20, 12, generator=g)
     y = torch.randint(0, 4, (n + 20,), generator=g)
     ds = torch.utils.data.TensorDataset
+    from dropinf.measures import margin
     return {"model": model, "loss_fn": loss_fn, "train": ds(x[:n], y[:n]), "query": ds(x[n:], y[n:]),
-            "batch_size": 16}
+            "batch_size": 16, "measures": {"margin": margin(lambda m, b: (m(b[0]), b[1]))},
+            "label_names": ["north", "east", "south", "west"], "predict": lambda m, b: m(b[0]).argmax(1)}

@@ -74,3 +74,33 @@ def diagnose(scores: np.ndarray | None = None, preconditioner=None, layer_zero_f
         out.append(Finding("note", f"r={compressor['r']} per layer is very small; rankings of single queries are "
                            "noisy.", "raise r, or average a mask ensemble (dropinf.ensemble)."))
     return out
+
+
+def store_findings(store) -> list[Finding]:
+    """Findings for a complete FeatureStore: layers all-zero on every row (dead) or on most rows,
+    and the saved preconditioners' damping (one pass over the shards)."""
+    zero_rows = {l: 0 for l in store.layer_names()}
+    n = 0
+    for _, chunk in store.iter_chunks():
+        for l, v in chunk.items():
+            zero_rows[l] += int((v == 0).all(dim=1).sum())
+        n += next(iter(chunk.values())).shape[0] if chunk else 0
+    frac = {l: z / max(n, 1) for l, z in zero_rows.items()}
+    out = []
+    dead = sorted(l for l, f in frac.items() if f == 1.0)
+    if dead:
+        out.append(Finding("warning", f"{len(dead)} layer(s) are all-zero on every stored row and will be dropped as "
+                           f"dead: {dead[:6]}.", "raise r for them or leave them out of track= (frozen or dead "
+                           "units, border pixels)."))
+    out += diagnose(layer_zero_fraction={l: f for l, f in frac.items() if f < 1.0},
+                    compressor=store.manifest["signature"].get("compressor"))
+    from ..estimators.preconditioner import Preconditioner
+    for p in sorted(store.precond_dir.glob("*.npz")) if store.precond_dir.exists() else []:
+        try:
+            pre = Preconditioner.load(p)
+        except Exception:    # a damaged file is refitted on the next open; nothing to diagnose
+            continue
+        for f in diagnose(preconditioner=pre):
+            if "dropped" not in f.what:      # dead layers are reported above, from the rows
+                out.append(Finding(f.level, f"[{p.name}] {f.what}", f.todo))
+    return out
