@@ -31,6 +31,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
     echo "[run.sh] Fashion-MNIST missing: sudo apt-get install -y dataset-fashion-mnist (image experiments need it)" >&2
   fi
 fi
+# the report's browser test drives Debian's headless Chromium (tests/report/test_browser.py)
+if [ "${1:-demo}" = test ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[run.sh] installing chromium and chromium-driver (Debian packages) for the browser test..." >&2
+    { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+      || echo "[run.sh] could not install chromium; the browser test will say so" >&2
+  else
+    echo "[run.sh] chromium missing: sudo apt-get install -y chromium chromium-driver (the browser test needs it)" >&2
+  fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cmd="${1:-demo}"
 shift || true

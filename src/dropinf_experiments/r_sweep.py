@@ -36,7 +36,7 @@ PRESETS = {
 def run(preset: str = "fast", out: str = "reports/r-sweep", progress: bool = True, settings=None) -> dict:
     s = settings or PRESETS[preset]
     rep = Report(out, "Stability of small r: Gaussian vs Dropout (paper §5, Figure 1)", s, preset)
-    attr, feats, flipped, accs, _ = prepare(s.model, s.lora_rank, 0, progress)
+    attr, feats, flipped, accs, _, _ = prepare(s.model, s.lora_rank, 0, progress)
     orig, _ = influence_on_mean(GaussNewton(), feats["train"], feats["val"])
     orig_auc = mislabel_auc(orig.numpy(), flipped)
     raw = []
