@@ -63,10 +63,12 @@ def _logits(ctx: Ctx, model, batch):
 
 # ------------------------------------------------------------------ dropinf
 
-def dropinf(r: int, rotate: bool = False, estimator: str = "gn"):
+def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
+    """r=None: no compression (the paper's Orig: every coordinate of the tracked layers)."""
     def run(ctx: Ctx):
-        from dropinf import Attributor, Dropout, GaussNewton
-        comp = Dropout(r=r, seed=ctx.seed, rotate=True) if rotate else Dropout(r=r, seed=ctx.seed)
+        from dropinf import Attributor, Dropout, GaussNewton, Identity
+        comp = (Identity() if r is None else Dropout(r=r, seed=ctx.seed, rotate=True) if rotate
+                else Dropout(r=r, seed=ctx.seed))
         with ctx.timer:
             attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=GaussNewton(), track=ctx.names,
                               progress=True)
@@ -357,6 +359,8 @@ _TWEETS = {
     "dropinf Dropout r=64": dropinf(64),
     "dropinf Dropout r=256": dropinf(256),
     "dropinf Dropout+rot r=256 x4 ens.": dropinf_ensemble(256, 4),
+    "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
+    "dropinf Orig (no compression)": dropinf(None),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),
