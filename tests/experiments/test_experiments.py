@@ -39,6 +39,14 @@ def test_mislabel_smoke(tmp_path):
     assert {r["method"] for r in data} == set(mislabel.METHODS) and {r["lora_rank"] for r in data} == {"2", "8"}
     assert all(0.0 <= float(r["auc"]) <= 1.0 for r in data)
     assert set(res) == {f"rank{k}/{m}" for k in (2, 8) for m in mislabel.METHODS}
+    # the attribution report of the first run: tweets decoded, flipped labels marked, the mislabel page
+    from tests.report.helpers import report_data
+    d = report_data(tmp_path / "attribution.html")
+    q = d["queries"][0]
+    assert q["label"].split()[0] in ("negative", "positive") and q["pred"] in ("negative", "positive")
+    assert q["text"] and not q["text"].startswith("token ids") and len(q["harmful"]) == 8
+    flipped = mislabel.noisy_tweets(mislabel.PRESETS["smoke"], 0)[2]
+    assert all((c.get("mark") == "label flipped (truth)") == bool(flipped[int(i)]) for i, c in d["train"].items())
 
 
 def test_r_sweep_smoke(tmp_path):
