@@ -342,8 +342,8 @@ _MLP = {
     "dropinf Dropout r=1024": dropinf(1024),
     "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
     "dropinf Dropout+rot r=4096": dropinf(4096, rotate=True),
-    "dropinf Dropout+rot r=4096 x4 ens.": dropinf_ensemble(4096, 4),
     "dropinf Dropout+rot r=2048 x2 ens.": dropinf_ensemble(2048, 2),
+    "dropinf Dropout+rot r=4096 x4 ens.": dropinf_ensemble(4096, 4),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX LoGra 32x32": logix(32),
@@ -356,11 +356,7 @@ _MLP = {
 }
 _TWEETS = {
     "dropinf Dropout r=16": dropinf(16),
-    "dropinf Dropout r=64": dropinf(64),
-    "dropinf Dropout r=256": dropinf(256),
-    "dropinf Dropout+rot r=256 x4 ens.": dropinf_ensemble(256, 4),
-    "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
-    "dropinf Orig (no compression)": dropinf(None),
+    "dropinf Dropout+rot r=512 x32 ens.": dropinf_ensemble(512, 32),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),

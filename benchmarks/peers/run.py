@@ -130,6 +130,7 @@ def run_one(task, method, args, seed, log) -> dict:
 def quality(task, rows, args):
     """Fill quality (and the orientation check against the first dropinf variant) for each row."""
     import numpy as np
+    import methods as M
     import tasks as T
     if task not in T.QUALITY:
         return
@@ -137,11 +138,12 @@ def quality(task, rows, args):
     s = T.PRESETS[args.preset]
     prep = Path(args.out) / "prep" / task
     ref = {}
-    for r in rows:
-        if r.get("method", "").startswith("dropinf") and "scores" in r:
+    order = list(M.METHODS[task])
+    for r in sorted(rows, key=lambda r: order.index(r["method"]) if r.get("method") in order else len(order)):
+        if r.get("method", "").startswith("dropinf") and "scores" in r and Path(r["scores"]).exists():
             ref.setdefault(r["seed"], np.load(r["scores"]))
     for r in rows:
-        if "scores" not in r:
+        if "scores" not in r or not Path(r["scores"]).exists():
             continue
         sc = np.load(r["scores"])
         r["quality"] = fn(sc, s, prep)
@@ -237,7 +239,10 @@ def main() -> None:
               "variant (a negative value would mean the orientation is wrong); time / X = attribution seconds over "
               "dropinf's best variant (best quality), and over one plain forward+backward pass on the throughput task.", ""]
     results = out / "results.json"
-    kept = [r for r in (json.loads(results.read_text()) if results.exists() else []) if r["task"] not in tasks]
+    # rows of the (task, method) pairs this run repeats are replaced; every other row is kept
+    ran = {(t, m) for t in tasks for m in M.METHODS[t] if not only or any(o in m for o in only)}
+    kept = [r for r in (json.loads(results.read_text()) if results.exists() else [])
+            if (r["task"], r["method"]) not in ran and r["method"] in M.METHODS.get(r["task"], {})]
     if args.report_only:
         kept, tasks = json.loads(results.read_text()), []
     log = open(out / "runs.log", "a")
@@ -253,7 +258,8 @@ def main() -> None:
                            timeout=args.timeout, repeats=repeats)
                 rows.append(row)
                 print(row.get("error") or f"{row['attr_s']:.1f} s attribution, {row['peak_rss_mb']:.0f} MB", flush=True)
-        quality(task, rows, args)
+        # quality and the orientation check over this run's rows and the task's kept ones (one reference)
+        quality(task, [r for r in kept if r["task"] == task] + rows, args)
         print(f"\n## {TITLES[task]}\n\n{table(task, rows, names, args)}\n", flush=True)
         kept += rows
         results.write_text(json.dumps(kept, indent=1))
@@ -261,7 +267,7 @@ def main() -> None:
     for task in M.METHODS:
         rows = [r for r in kept if r["task"] == task]
         if rows:
-            names = list(dict.fromkeys(r["method"] for r in rows))
+            names = [m for m in M.METHODS[task] if any(r["method"] == m for r in rows)]
             r0 = rows[0]
             report += [f"## {TITLES[task]}", "", f"{r0.get('date', '?')}; {r0.get('machine', '?')}; "
                        f"{r0.get('repeats', 1)} round(s); timeout {r0.get('timeout', 0):.0f} s per variant.", "",
