@@ -119,6 +119,12 @@ def test_cli_report_every_estimator_and_measure(tmp_path):
     assert res.returncode == 2 and "defines no such measure" in res.stderr and "margin" in res.stderr
     info = run_cli("info", str(store))
     assert info.returncode == 0 and "harmful" in info.stdout and "findings" in info.stdout
+    assert "dominates" not in info.stdout
+    # a fit whose damping swamps H̃ is saved in the store; info then says so, with what to try
+    assert run_cli("topk", "tests.store.fixture:build", "--store", str(store), "--damping", "1e6",
+                   "--no-progress").returncode == 0
+    info = run_cli("info", str(store))
+    assert "damping dominates the Hessian" in info.stdout and "lower damping" in info.stdout
 
 
 def test_every_option_has_help():
