@@ -268,7 +268,7 @@ def main() -> None:
         rows = [r for r in kept if r["task"] == task]
         if rows:
             names = [m for m in M.METHODS[task] if any(r["method"] == m for r in rows)]
-            r0 = rows[0]
+            r0 = next((r for r in rows if r.get("date")), rows[0])
             report += [f"## {TITLES[task]}", "", f"{r0.get('date', '?')}; {r0.get('machine', '?')}; "
                        f"{r0.get('repeats', 1)} round(s); timeout {r0.get('timeout', 0):.0f} s per variant.", "",
                        table(task, rows, names, args), ""]

@@ -40,6 +40,10 @@ def test_report_lists_the_topk_of_the_library_and_escapes_text(tmp_path):
         assert query["text"].startswith(evil)                    # shown as written, not interpreted
     val = attr.score(loader(q), reduce="mean")[0]
     assert [r[0] for r in d["suspicious"]["rows"]][:10] == np.argsort(-val)[:10].tolist()
+    # a separate validation loader ranks the same way as its own mean
+    other = attr.report(loader(tr), tmp_path / "v.html", k=2, render=lambda ex: "x", suspicious=loader(q))
+    assert report_data(other)["suspicious"]["rows"] == d["suspicious"]["rows"]
+    assert "validation set" in report_data(other)["suspicious"]["title"]
     assert all(c.get("mark") == ("flipped" if i == "5" else None) for i, c in d["train"].items())
     np.testing.assert_allclose(d["queries"][0]["loss"], float(ce_loss(model, (q[0][0][None], q[0][1][None])).detach()),
                                rtol=1e-5)
