@@ -10,7 +10,9 @@ model loading and data preparation are outside it, as the model is a given for e
 
 Settings, chosen to be each library's documented default where it has one, at comparable bytes:
   dropinf     GaussNewton with the paper's damping rule; Dropout r per layer (r=1024 on the MLP ≈
-              LoGra 32×32; r=16/64 per LoRA matrix on tweets; r=64 per Linear on SmolLM2)
+              LoGra 32×32; r=16 per LoRA matrix on tweets; r=64 per Linear on SmolLM2), and mask
+              ensembles (rotated Dropout of r split into K disjoint masks, averaged: members of
+              1024 on the MLP, of 16 on tweets — sizes picked by a sweep on the same checkpoints)
   kronfluence KFAC / EK-FAC, its default true Fisher (labels sampled from the model), damping None
               (its 0.1 × mean-eigenvalue heuristic; the library default 1e-8 is a placeholder)
   LogIX       LoGra (its add_lora) of rank 32 (1024 per layer) on the MLP, 4 on LoRA, 8 on SmolLM2,
