@@ -226,9 +226,12 @@ class Attributor:
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):    # a shuffled loader: dataset order
             order = torch.argsort(ids)
             data, ids, loss_all = {k: v[order] for k, v in data.items()}, ids[order], loss_all[order]
-        dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
-              for l in self.layers}
-        return Features(data, self.signature(), loss_all, dd, ids)
+        return Features(data, self.signature(), loss_all, self._damping_dims(), ids)
+
+    def _damping_dims(self) -> dict[str, int]:
+        """D_l of each layer for the damping rule: r_l for coordinate sampling, d_l for projections."""
+        return {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
+                for l in self.layers}
 
     def featurize(self, train_loader: Iterable, store: str | Path | None = None, chunk_size: int = 4096,
                   dtype: str = "float32"):
@@ -483,9 +486,7 @@ class Attributor:
             raise EmptyDataError("the query loader yielded no examples; pass a non-empty DataLoader.")
         data = {l.name: torch.cat([torch.nn.functional.pad(p[l.name], (0, 0, 0, T - p[l.name].shape[1]))
                                    for p in parts]).reshape(n_q * T, -1) for l in self.layers}
-        dd = {l.name: int(getattr(self.compressors[l.name], 'damping_dim', self.compressors[l.name].r))
-              for l in self.layers}
-        rows = Features(data, self.signature(), torch.zeros(n_q * T), dd, torch.arange(n_q * T))
+        rows = Features(data, self.signature(), torch.zeros(n_q * T), self._damping_dims(), torch.arange(n_q * T))
         return self.score(rows, options=options).reshape(n_q, T, -1)
 
     def _query(self, query, reduce, measure=None):

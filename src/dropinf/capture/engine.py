@@ -28,13 +28,14 @@ block without a fused hook goes there too, with the same compressor.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CaptureCheckError, LossShapeError, NonFiniteGradientError
+from ..errors import CaptureCheckError, ConfigError, LossShapeError, NonFiniteGradientError
 from .functional import LossFn, PerExampleGrads, batch_size, flatten_block
 from .layers import LayerSpec
 from .modules import Use, prepare, prepare_delta
@@ -120,9 +121,11 @@ class BatchCapture:
             return output
         return hook
 
-    def _run(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], set]:
-        """Forward + backward with the compressing hooks. Returns ({block: (B, r)} for the blocks
-        whose hooks fired, losses, {param name: batch gradient}, names of modules that fired)."""
+    @contextlib.contextmanager
+    def _hooked(self, batch, keep: bool = False):
+        """The compressing forward hooks on every tracked use, for one batch: yields (acc, fired) —
+        {block: (B, r)} filled during the backward, names of modules whose hooks fired — removes the
+        hooks on exit, and refuses the capture if a tracked module's input was modified in place."""
         acc: dict[str, torch.Tensor] = {}
         fired: set[str] = set()
         problems: list[str] = []
@@ -131,20 +134,25 @@ class BatchCapture:
             B = batch_size(batch)
         except TypeError:
             B = None
-        grads: dict[str, torch.Tensor] = {}
         try:
             for block, use, mod in self.hooked:
-                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems)))
-            with torch.enable_grad():
-                losses = self._losses(batch)
-                if self.fused_params:
-                    grads = self._backward(losses)
+                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems, keep)))
+            yield acc, fired
         finally:
             for h in handles:
                 h.remove()
         if problems:
             raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
                                     "avoid the in-place op (or clone the input) for tracked modules.")
+
+    def _run(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], set]:
+        """Forward + backward with the compressing hooks. Returns ({block: (B, r)} for the blocks
+        whose hooks fired, losses, {param name: batch gradient}, names of modules that fired)."""
+        grads: dict[str, torch.Tensor] = {}
+        with self._hooked(batch) as (acc, fired), torch.enable_grad():
+            losses = self._losses(batch)
+            if self.fused_params:
+                grads = self._backward(losses)
         return acc, losses, grads, fired
 
     def tokens(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -153,43 +161,25 @@ class BatchCapture:
         compressed gradient of value[b, t] alone. Returns ({block: (B, T, r_l)}, values (B, T)).
         Only fused blocks (the torch.func fallback has no per-token form)."""
         if self.func:
-            from ..errors import ConfigError
             raise ConfigError(f"token-level scores need fused capture for every tracked layer; "
                               f"{[l.name for l in self.func][:4]} go through torch.func. Leave them out of track=.")
-        acc: dict[str, torch.Tensor] = {}
-        fired: set[str] = set()
-        problems: list[str] = []
-        handles, cols = [], []
-        try:
-            B = batch_size(batch)
-        except TypeError:
-            B = None
-        try:
-            for block, use, mod in self.hooked:
-                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems,
-                                                                         keep=True)))
-            with torch.enable_grad():
-                values = self.loss_fn(self.model, batch)
-                if not isinstance(values, torch.Tensor) or values.dim() != 2:
-                    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-                    raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
-                                         f"token), got {shape}. See dropinf.measures.token_nll.")
-                for t in range(values.shape[1]):
-                    acc.clear()
-                    col = values[:, t].sum()
-                    if col.requires_grad:
-                        torch.autograd.grad(col, self.fused_params, retain_graph=t + 1 < values.shape[1],
-                                            allow_unused=True)
-                    cols.append({l.name: (acc[l.name] if l.name in acc else
-                                          torch.zeros(values.shape[0], self.compressors[l.name].r,
-                                                      device=values.device)).detach().float()
-                                 for l in self.fused})
-        finally:
-            for h in handles:
-                h.remove()
-        if problems:
-            raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
-                                    "avoid the in-place op (or clone the input) for tracked modules.")
+        cols = []
+        with self._hooked(batch, keep=True) as (acc, _), torch.enable_grad():
+            values = self.loss_fn(self.model, batch)
+            if not isinstance(values, torch.Tensor) or values.dim() != 2:
+                shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
+                                     f"token), got {shape}. See dropinf.measures.token_nll.")
+            for t in range(values.shape[1]):
+                acc.clear()
+                col = values[:, t].sum()
+                if col.requires_grad:
+                    torch.autograd.grad(col, self.fused_params, retain_graph=t + 1 < values.shape[1],
+                                        allow_unused=True)
+                cols.append({l.name: (acc[l.name] if l.name in acc else
+                                      torch.zeros(values.shape[0], self.compressors[l.name].r,
+                                                  device=values.device)).detach().float()
+                             for l in self.fused})
         feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
         return feats, values.detach()
 

@@ -34,7 +34,7 @@ def _dataset(loader, given, what):
     return ds
 
 
-def _marks(marks, n_hint=None) -> Callable[[int], str | None]:
+def _marks(marks) -> Callable[[int], str | None]:
     if marks is None:
         return lambda i: None
     if isinstance(marks, dict):
@@ -104,6 +104,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
                     j += 1
 
     sus = None
+    train_ids = attr.train_ids.numpy()          # dataset id of each score column
     if suspicious is not None:
         if isinstance(suspicious, str) and suspicious == "self":
             v = attr.self_influence()
@@ -122,8 +123,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
                 "queries' mean loss" if src is qf else "validation set's mean loss")
             explain = ("I(mean query, i) > 0: up-weighting i raises the mean loss of the clean queries — the "
                        "signature of a mislabeled or harmful example (paper eq. 1). Sorted from most harmful.")
-        ids = attr.train_ids.numpy()
-        rows = [[int(ids[j]), float(sus_vals[j])] for j in order]
+        rows = [[int(train_ids[j]), float(sus_vals[j])] for j in order]
         marked = [r for r in rows if mark(r[0])]
         if marks is not None:
             explain += f" Of these {len(rows)}, {len(marked)} carry a mark."
@@ -157,8 +157,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
         vals = np.asarray(sus["values"])
         flagged = None
         if marks is not None:
-            ids = attr.train_ids.numpy()
-            flagged = vals[np.array([bool(mark(int(i))) for i in ids])]
+            flagged = vals[np.array([bool(mark(int(i))) for i in train_ids])]
         hists.append(histogram_svg(vals, "Suspicion scores of every training example"
                                    + (" (red: marked)" if flagged is not None else ""), marked=flagged))
         del sus["values"]
