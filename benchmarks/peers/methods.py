@@ -97,8 +97,8 @@ def dropinf_ensemble(r: int, members: int):
 
 
 def plain_pass(ctx: Ctx):
-    """The physical limit beside the throughput rows: one forward+backward of the summed loss over
-    the training data, no attribution."""
+    """The physical limit beside the throughput rows and the tweets rows: one forward+backward of the
+    summed loss over the training data, no attribution (every library here needs at least this)."""
     from tqdm.auto import tqdm
     with ctx.timer:
         for b in tqdm(ctx.loader(ctx.train), desc="forward+backward"):
@@ -358,6 +358,7 @@ _MLP = {
 }
 _TWEETS = {
     "dropinf Dropout r=16": dropinf(16),
+    "plain forward+backward": plain_pass,
     "dropinf Dropout+rot r=512 x32 ens.": dropinf_ensemble(512, 32),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),

@@ -83,7 +83,7 @@ def child(task: str, method: str, preset: str, out: Path, seed: int, threads: in
         if not np.isfinite(sc).all():
             raise SystemExit(f"{method}: {int((~np.isfinite(sc)).sum())} non-finite scores")
         np.save(scores_path, sc.astype(np.float32))
-    else:
+    elif res.get("tokens"):
         row["tokens_per_s"] = res["tokens"] / timer.seconds
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -163,20 +163,25 @@ def table(task, rows, methods, args) -> str:
         v = [r[key] for r in by.get(m, []) if key in r]
         return float(np.median(v)) if v else None
     ok = [m for m in methods if m.startswith("dropinf") and med(m, "attr_s") is not None]
+    plain = "plain forward+backward" if med("plain forward+backward", "attr_s") is not None else None
     if task in T.QUALITY:
         qual = {m: [r["quality"] for r in by[m] if "quality" in r] for m in methods}
         best = max(ok, key=lambda m: np.mean(qual[m]), default=None)
     else:   # throughput: against the physical limit, one plain forward+backward over the same data
-        best = "plain forward+backward" if med("plain forward+backward", "attr_s") is not None else None
+        best, plain = plain, None
     head = ["method", "attribution s", "process s", "peak RSS MB", qname, "corr. with dropinf", f"time / {best}"]
+    head += ["time / plain forward+backward"] if plain else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         errs = [r["error"] for r in by[m] if "error" in r]
         a = med(m, "attr_s")
         if a is None:
-            lines.append(f"| {m} | failed: {errs[0] if errs else '?'} | {med(m, 'proc_s') or 0:.0f} | | | | |")
+            lines.append(f"| {m} | failed: {errs[0] if errs else '?'} | {med(m, 'proc_s') or 0:.0f} |"
+                         + " |" * (len(head) - 2))
             continue
-        if task in T.QUALITY:
+        if task in T.QUALITY and not qual[m]:      # the plain pass beside a quality task: no scores
+            qs, cs = "(no attribution)", "-"
+        elif task in T.QUALITY:
             q = qual[m]
             qs = f"{np.mean(q):.3f} ± {np.std(q):.3f}" if len(q) > 1 else f"{q[0]:.3f}"
             c = [r.get("corr_with_dropinf") for r in by[m] if r.get("corr_with_dropinf") is not None]
@@ -185,6 +190,7 @@ def table(task, rows, methods, args) -> str:
             qs, cs = f"{med(m, 'tokens_per_s'):.0f}", "-"
         ratio = f"{a / med(best, 'attr_s'):.1f}x" if best else "-"
         note = f" ({len(errs)} of {len(by[m])} runs failed: {errs[0]})" if errs else ""
+        ratio += f" | {a / med(plain, 'attr_s'):.2f}x" if plain else ""
         lines.append(f"| {m}{note} | {a:.1f} | {med(m, 'proc_s'):.1f} | {med(m, 'peak_rss_mb'):.0f} | {qs} | {cs} | {ratio} |")
     return "\n".join(lines)
 
@@ -198,14 +204,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fast", action="store_const", dest="preset", const="fast",
-                   help="20,000-example MLP, 4,000 tweets, 16 SmolLM2 sequences; 1 round; 600 s per variant (default)")
+                   help="20,000-example MLP, 4,000 tweets, 16 SmolLM2 sequences; 1 round; 400 s per variant (default)")
     g.add_argument("--full", action="store_const", dest="preset", const="full",
                    help="more tweets and ground truth, 3 rounds, 1800 s per variant")
     g.add_argument("--smoke", action="store_const", dest="preset", const="smoke", help="tiny sizes: checks the plumbing")
     p.add_argument("--tasks", default="mlp,tweets,smollm", help="comma-separated subset of mlp,tweets,smollm")
     p.add_argument("--only", default="", help="comma-separated substrings: run only methods whose name contains one")
     p.add_argument("--repeats", type=int, default=None, help="rounds (default: 1 fast, 3 full)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per variant (default 600 fast, 1800 full)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per variant (default 400 fast, 1800 full)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
     p.add_argument("--out", default=None, help="output folder (default reports/peers/PRESET)")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT/report.md from OUT/results.json, run nothing")
@@ -221,7 +227,7 @@ def main() -> None:
         return
     import methods as M
     repeats = args.repeats or (3 if args.preset == "full" else 1)
-    args.timeout = args.timeout or (1800 if args.preset == "full" else 600)
+    args.timeout = args.timeout or (1800 if args.preset == "full" else 400)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -237,7 +243,9 @@ def main() -> None:
               "(imports, model and data loading included); peak RSS = the child's ru_maxrss; quality = mean ± std "
               "over rounds; corr. with dropinf = Pearson correlation of the oriented scores with dropinf's first "
               "variant (a negative value would mean the orientation is wrong); time / X = attribution seconds over "
-              "dropinf's best variant (best quality), and over one plain forward+backward pass on the throughput task.", ""]
+              "dropinf's best variant (best quality), and over one plain forward+backward pass on the throughput task; "
+              "time / plain forward+backward (tweets) = attribution seconds over one forward+backward of the summed "
+              "loss over the training data, the cost no attribution of per-example gradients can avoid.", ""]
     results = out / "results.json"
     # rows of the (task, method) pairs this run repeats are replaced; every other row is kept
     ran = {(t, m) for t in tasks for m in M.METHODS[t] if not only or any(o in m for o in only)}
