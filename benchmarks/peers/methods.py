@@ -18,7 +18,9 @@ Settings, chosen to be each library's documented default where it has one, at co
   LogIX       LoGra (its add_lora) of rank 32 (1024 per layer) on the MLP, 4 on LoRA, 8 on SmolLM2,
               with its KFAC-style covariance preconditioner and default damping
   dattri      LoGra and FactGraSS at the same total dims per layer, eFIM Hessian; TRAK with a
-              random_mask and with a normal projection of 1024 dims (whole model, as TRAK does)
+              random_mask and with a normal projection of 1024 dims (whole model, as TRAK does), regularization
+              1e-6 (with its default 0, random_mask's 1024 × 1024 kernel is singular on the MLP and
+              torch.linalg.solve fails)
   traker      TRAK, BasicProjector (fp32, block_size = proj_dim = 1024) on CPU
   captum      TracInCP on the final checkpoint (one checkpoint), the tracked layers
 """
@@ -267,7 +269,7 @@ def dattri_trak(proj_type: str, proj_dim: int = 1024):
             return torch.exp(-f(params, data))
         with ctx.timer:
             task = AttributionTask(loss_func=f, model=model, checkpoints=model.state_dict())
-            at = TRAKAttributor(task=task, correct_probability_func=m, device="cpu",
+            at = TRAKAttributor(task=task, correct_probability_func=m, device="cpu", regularization=1e-6,
                                 projector_kwargs={"proj_dim": proj_dim, "proj_type": proj_type, "device": "cpu",
                                                   "proj_seed": ctx.seed})
             at.cache(ctx.loader(ctx.train))

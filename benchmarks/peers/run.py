@@ -177,7 +177,7 @@ def table(task, rows, methods, args) -> str:
         a = med(m, "attr_s")
         if a is None:
             lines.append(f"| {m} | failed: {errs[0] if errs else '?'} | {med(m, 'proc_s') or 0:.0f} |"
-                         + " |" * (len(head) - 2))
+                         + " |" * (len(head) - 3))
             continue
         if task in T.QUALITY and not qual[m]:      # the plain pass beside a quality task: no scores
             qs, cs = "(no attribution)", "-"
