@@ -195,6 +195,13 @@ def table(task, rows, methods, args) -> str:
     return "\n".join(lines)
 
 
+def task_table(task, all_rows, args) -> str:
+    """The table of every row of ``task`` in ``all_rows``, methods in the registry's order."""
+    import methods as M
+    rows = [r for r in all_rows if r["task"] == task]
+    return table(task, rows, [m for m in M.METHODS[task] if any(r["method"] == m for r in rows)], args)
+
+
 TITLES = {"mlp": "MLP on Fashion-MNIST: LDS (Spearman, retrained half-subsets)",
           "tweets": "MiniLM-L6 + LoRA on tweets, 20 % flipped labels: mislabel AUC",
           "smollm": "SmolLM2-135M, train-side pass over the data: tokens/s"}
@@ -268,18 +275,17 @@ def main() -> None:
                 print(row.get("error") or f"{row['attr_s']:.1f} s attribution, {row['peak_rss_mb']:.0f} MB", flush=True)
         # quality and the orientation check over this run's rows and the task's kept ones (one reference)
         quality(task, [r for r in kept if r["task"] == task] + rows, args)
-        print(f"\n## {TITLES[task]}\n\n{table(task, rows, names, args)}\n", flush=True)
         kept += rows
+        print(f"\n## {TITLES[task]}\n\n{task_table(task, kept, args)}\n", flush=True)   # kept rows included
         results.write_text(json.dumps(kept, indent=1))
     # the report covers every task in results.json (a run of --tasks X replaces only X's rows)
     for task in M.METHODS:
         rows = [r for r in kept if r["task"] == task]
         if rows:
-            names = [m for m in M.METHODS[task] if any(r["method"] == m for r in rows)]
             r0 = next((r for r in rows if r.get("date")), rows[0])
             report += [f"## {TITLES[task]}", "", f"{r0.get('date', '?')}; {r0.get('machine', '?')}; "
                        f"{r0.get('repeats', 1)} round(s); timeout {r0.get('timeout', 0):.0f} s per variant.", "",
-                       table(task, rows, names, args), ""]
+                       task_table(task, kept, args), ""]
     (out / "report.md").write_text("\n".join(report))
     print(f"report: {out / 'report.md'}")
 

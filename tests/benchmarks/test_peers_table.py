@@ -47,3 +47,20 @@ def test_help_runs_without_the_peers():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / "run.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--fast" in out.stdout and "kronfluence" in out.stdout
+
+
+def test_quality_table_with_plain_pass_column():
+    """On the tweets task the plain forward+backward row has no scores; every row gets a time / plain
+    pass column, and a failed row has as many cells as the header."""
+    run = _run_module()
+    rows = [{"method": "dropinf A", "attr_s": 12.0, "proc_s": 14, "peak_rss_mb": 1, "quality": 0.9, "corr_with_dropinf": 1.0},
+            {"method": "plain forward+backward", "attr_s": 10.0, "proc_s": 12, "peak_rss_mb": 1},
+            {"method": "peer", "attr_s": 25.0, "proc_s": 27, "peak_rss_mb": 1, "quality": 0.8, "corr_with_dropinf": 0.5},
+            {"method": "peer crashed", "error": "out of memory (killed)", "proc_s": 3.0}]
+    tab = run.table("tweets", rows, [r["method"] for r in rows], argparse.Namespace()).splitlines()
+    assert tab[0].endswith("| time / dropinf A | time / plain forward+backward |")
+    cells = {l.split(" | ")[0].lstrip("| "): l.strip("|").split("|") for l in tab[2:]}
+    assert all(len(c) == tab[0].count("|") - 1 for c in cells.values())
+    assert cells["dropinf A"][-1].strip() == "1.20x" and cells["peer"][-1].strip() == "2.50x"
+    assert cells["plain forward+backward"][4].strip() == "(no attribution)"
+    assert "failed: out of memory (killed)" in cells["peer crashed"][1]
