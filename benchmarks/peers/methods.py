@@ -11,8 +11,9 @@ model loading and data preparation are outside it, as the model is a given for e
 Settings, chosen to be each library's documented default where it has one, at comparable bytes:
   dropinf     GaussNewton with the paper's damping rule; Dropout r per layer (r=1024 on the MLP ≈
               LoGra 32×32; r=16 per LoRA matrix on tweets; r=64 per Linear on SmolLM2), and mask
-              ensembles (rotated Dropout of r split into K disjoint masks, averaged: members of
-              1024 on the MLP, of 16 on tweets — sizes picked by a sweep on the same checkpoints)
+              ensembles (Dropout of r split into K disjoint masks, averaged: rotated members of 1024 on
+              the MLP, plain members of 16 on tweets — sizes and rotation picked by sweeps on the
+              same checkpoints)
   kronfluence KFAC / EK-FAC, its default true Fisher (labels sampled from the model), damping None
               (its 0.1 × mean-eigenvalue heuristic; the library default 1e-8 is a placeholder)
   LogIX       LoGra (its add_lora) of rank 32 (1024 per layer) on the MLP, 4 on LoRA, 8 on SmolLM2,
@@ -85,14 +86,14 @@ def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
     return run
 
 
-def dropinf_ensemble(r: int, members: int):
-    """Rotated Dropout of r per layer, split into ``members`` disjoint masks of r/members, each fitted
-    and scored on its own, scores averaged (dropinf.ensemble)."""
+def dropinf_ensemble(r: int, members: int, rotate: bool = True):
+    """Dropout of r per layer (rotated or not), split into ``members`` disjoint masks of r/members,
+    each fitted and scored on its own, scores averaged (dropinf.ensemble)."""
     def run(ctx: Ctx):
         from dropinf import Attributor, Dropout, GaussNewton
         from dropinf.ensemble import score_ensemble
         with ctx.timer:
-            attr = Attributor(ctx.model, ctx.loss, compressor=Dropout(r=r, seed=ctx.seed, rotate=True),
+            attr = Attributor(ctx.model, ctx.loss, compressor=Dropout(r=r, seed=ctx.seed, rotate=rotate),
                               estimator=GaussNewton(), track=ctx.names, progress=True)
             attr.featurize(ctx.loader(ctx.train))
             query = attr.compute_features(ctx.loader(ctx.query), desc="query features")
@@ -366,7 +367,7 @@ _MLP = {
 _TWEETS = {
     "dropinf Dropout r=16": dropinf(16),
     "plain forward+backward": plain_pass,
-    "dropinf Dropout+rot r=512 x32 ens.": dropinf_ensemble(512, 32),
+    "dropinf Dropout r=512 x32 ens.": dropinf_ensemble(512, 32, rotate=False),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),
