@@ -179,10 +179,10 @@ def logix(rank: int, score: bool = True):
         from logix.config import LoggingConfig, LoRAConfig
         os.chdir(ctx.workdir)                      # LogIX logs under ./logix/PROJECT
         masked = ctx.task == "smollm"
-        logging = LoggingConfig()
-        logging.flush_threshold = 30_000_000       # see the module docstring
+        log_cfg = LoggingConfig()
+        log_cfg.flush_threshold = 30_000_000       # see the module docstring
         with ctx.timer:
-            lx = LogIX(project="bench", logging_config=logging)
+            lx = LogIX(project="bench", logging_config=log_cfg)
             lx.watch(ctx.model, name_filter=list(ctx.names))
             if rank:           # rank 0: log the tracked gradients as they are (LogIX's LoRA replaces peft's
                 lx.add_lora(lora_config=LoRAConfig(rank=rank))   # lora_A/lora_B modules, which peft then cannot run)
