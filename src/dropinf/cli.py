@@ -259,12 +259,11 @@ def _run(args) -> int:
         if dist_info()[0] == 0:
             print(json.dumps(store.info(), indent=1))
         return 0
-    est = _estimator(args)
-    from . import ExactHessian
-    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=est,
+    # the train loader: for estimators that refit from the model (exact, lissa --lissa-hvp model) and for
+    # the report's training-example content; the others never iterate it
+    attr = Attributor.from_store(args.store, task.model, task.loss_fn, estimator=_estimator(args),
                                  progress=not args.no_progress, score_options=_score_options(args),
-                                 train_loader=task.loader("train") if isinstance(est, ExactHessian) else None)
-    attr._train_loader = attr._train_loader or task.loader("train")
+                                 train_loader=task.loader("train"))
     q = task.loader("query")
     measure = _measure(args, task)
     if args.cmd == "report":

@@ -115,9 +115,9 @@ def test_cli_report_every_estimator_and_measure(tmp_path):
                                  progress=False)
     top = attr.topk(loader(task["query"]), k=3, measure=task["measures"]["margin"])
     assert [e[0] for e in d["queries"][4]["harmful"]] == top.harmful_idx[4].tolist()
-    for est in ("gauss-newton", "datainf", "hessian-free", "exact"):
-        res = run_cli("topk", "tests.store.fixture:build", "--store", str(store), "-k", "2", "--estimator", est,
-                      "--damping", "0.01", "--no-progress")
+    for est in ("gauss-newton", "datainf", "hessian-free", "exact", "lissa --lissa-hvp model"):
+        res = run_cli("topk", "tests.store.fixture:build", "--store", str(store), "-k", "2", "--estimator",
+                      *est.split(), "--damping", "0.01", "--no-progress")
         assert res.returncode == 0 and "harmful_idx" in res.stdout, (est, res.stderr[-2000:])
     res = run_cli("topk", "tests.store.fixture:build", "--store", str(store), "--measure", "nope", "--no-progress")
     assert res.returncode == 2 and "defines no such measure" in res.stderr and "margin" in res.stderr
