@@ -41,9 +41,6 @@ DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.
           "bfloat16": (np.uint16, torch.bfloat16)}
 
 
-
-
-
 def _tmp_name(path: Path) -> Path:
     """A temporary name unique to this process and thread, so that concurrent writers never
     rename each other's files."""
