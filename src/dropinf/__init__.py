@@ -6,7 +6,7 @@ up-weighting train example i raises query q's loss (harmful), negative when it h
 
 from .attribute import Attributor, CaptureOptions
 from .compress import Dropout, Gaussian, Identity, LoGra
-from .errors import (CaptureCheckError, ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
+from .errors import (CaptureCheckError, CaptureError, ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
                      IncompatibleMethodError, LossShapeError, MissingDataError, NonFiniteGradientError,
                      NoTrackableLayersError, StoreError)
 from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
@@ -16,6 +16,6 @@ from .store import Features
 __version__ = "0.1.0"
 
 __all__ = ["Attributor", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
-           "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "ConfigError", "EmptyDataError",
+           "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "CaptureError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "LossShapeError", "MissingDataError",
            "NonFiniteGradientError", "NoTrackableLayersError", "StoreError"]

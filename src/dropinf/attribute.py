@@ -86,6 +86,11 @@ def model_fingerprint(model: nn.Module, layers: list[LayerSpec]) -> str:
         h.update(f"{l.name}|{l.kind}|{l.param_names}|{l.param_shapes};".encode())
     tensors = [("p:" + n, t) for n, t in model.named_parameters(remove_duplicate=False)]
     tensors += [("b:" + n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+    # nn.Embedding(max_norm=...) rescales the rows it looks up in place during every forward, so its
+    # values change between a train and a query capture of the same model (rows first seen by the
+    # queries). A positive rescaling keeps each entry's sign: those are what is hashed for it.
+    renormed = {f"p:{n}.weight" if n else "p:weight" for n, m in model.named_modules()
+                if isinstance(m, nn.Embedding) and m.max_norm is not None}
     for name, t in tensors:
         t = t.detach()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
@@ -96,6 +101,8 @@ def model_fingerprint(model: nn.Module, layers: list[LayerSpec]) -> str:
         if n > 64:
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             flat = flat[torch.randint(0, n, (64,), generator=g).to(flat.device)]
+        if name in renormed:
+            flat = torch.sign(flat)
         h.update(flat.to(torch.float64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -43,6 +43,11 @@ class MissingDataError(DropinfError, FileNotFoundError):
     """A real dataset or model that ships in a package is not installed; the message names the package."""
 
 
-class CaptureCheckError(DropinfError, RuntimeError):
+class CaptureError(DropinfError, RuntimeError):
+    """Capture could not compute per-example gradients of this model (its backward pass failed, or
+    the torch.func path could not run it); the message names the cause and what to change."""
+
+
+class CaptureCheckError(CaptureError):
     """The captured per-example gradients of a layer do not add up to the plain batch gradient
     (the self-check); the message names the layer and the likely cause."""

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import pearsonr
 from torch import nn
 
-from dropinf import Attributor, CaptureCheckError, CaptureOptions, ExactHessian, GaussNewton, Identity
+from dropinf import Attributor, CaptureOptions, ExactHessian, GaussNewton, Identity
 
 ALPHA = 1e-2
 
@@ -87,10 +87,12 @@ def test_exact_hessian_matches_leave_one_out(problem):
     actual = loo_changes(problem, removed)
     predicted = -scores[removed] / n
     r_exact = pearsonr(predicted, actual)[0]
-    # the weight decay inside loss_fn never reaches the fused hooks: the self-check refuses
-    with pytest.raises(CaptureCheckError, match="weight decay"):
-        influence(problem, GaussNewton())
+    # the weight decay inside loss_fn never reaches the fused hooks: the self-check sends the
+    # layer to torch.func (which sees the whole loss) and says why
+    with pytest.warns(UserWarning, match="weight decay"):
+        routed = influence(problem, GaussNewton())
     gn = influence(problem, GaussNewton(), fused=False)      # torch.func sees the whole loss
+    np.testing.assert_allclose(routed, gn, rtol=1e-4, atol=1e-6 * np.abs(gn).max())
     r_gn = pearsonr(-gn[removed] / n, actual)[0]
     # the scale: removing i changes q's loss by ≈ −I(q, i)/n — a slope of 1 for the exact Hessian;
     # the damped Gauss-Newton approximation keeps the ranking but not the magnitude (README)

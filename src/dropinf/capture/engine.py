@@ -1,25 +1,29 @@
 """Capture: one batch in, compressed per-example gradients of every tracked block out.
 
 Fused blocks, compressed inside the backward pass: a forward hook on each module that uses a
-tracked weight keeps the call's input and registers a tensor hook on the call's *output*. During
-the backward, that hook receives the output-gradient δ of this call — the gradient with respect
-to the output as the module returned it, so an in-place op that follows the layer
-(``ReLU(inplace=True)``) cannot change it — and the block's compressor turns (input, δ) into
-(B, r_l) numbers right there (see capture.modules); the saved input and δ are released at once.
-Because the batch loss is the *sum* of the per-example losses and examples do not interact, δ[b]
-is exactly example b's output-gradient. A module called several times in one forward, or a weight
-tied between modules, adds up every call. The backward itself is ``torch.autograd.grad`` with
-respect to the tracked weights (what a plain backward computes; no ``.grad`` field is touched):
-it also returns the batch gradient that the self-check compares against. Where autograd.grad
-cannot reach a tracked weight — re-entrant gradient checkpointing hides the weights inside a
-segment, and torch refuses or prunes it — capture switches to ``.backward()`` for the session,
-saving and restoring every parameter's ``.grad``.
+tracked weight keeps the call's input and registers a tensor hook on the call's *output* (the
+model always gets back a tensor of the shape its module returned). During the backward, that
+hook receives the output-gradient δ of this call — the gradient with respect to the output as
+the module returned it, so an in-place op that follows the layer (``ReLU(inplace=True)``) cannot
+change it — moves the batch to dim 0 (capture.layout: sequence-first and flattened inputs are
+read as such, a table shared by the whole batch has no per-example rows and goes to torch.func),
+and the block's compressor turns (input, δ) into (B, r_l) numbers right there (capture.modules);
+the saved input and δ are released at once. Because the batch loss is the *sum* of the
+per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient. A
+module called several times in one forward, or a weight tied between modules, adds up every call.
+The backward itself is ``torch.autograd.grad`` with respect to the tracked weights (no ``.grad``
+field is touched). Where autograd.grad cannot reach a tracked weight — re-entrant gradient
+checkpointing hides the weights inside a segment — capture switches to ``.backward()`` for the
+session, saving and restoring every parameter's ``.grad``.
 
-Self-check (first batch of each capture session, and on demand): the sum over the batch of each
-block's compressed entries must equal the same compression of the plain batch gradient. A block
-that differs — its weight used outside the module's call, a term of ``loss_fn`` that depends on
-the parameter directly (weight decay written into the loss), an input modified in place — is
-refused with a CaptureCheckError naming it and the likely cause, instead of giving wrong scores.
+Self-check (capture.check; first batch of each capture session, every batch with
+``check="always"``, and any batch where a module's layout had to be read anew): the rows of the
+first, middle and last example against their own gradients, and the batch sum against the plain
+batch gradient. A fused block that fails is read with the next candidate layout, or else moved to
+the torch.func path with a warning that names the module and the reason (the weight used without
+calling the module, a loss term using it directly, rows mixed between examples, an input
+modified in place, a hook that could not handle the call); a torch.func block that fails is
+refused with a CaptureCheckError. The capture session keeps what it learned (layouts, routes).
 
 Modules whose weights are used without calling the module (``nn.MultiheadAttention.out_proj``)
 are routed to the torch.func fallback at layer selection (capture.layers); every other tracked
@@ -29,16 +33,22 @@ block without a fused hook goes there too, with the same compressor.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CaptureCheckError, ConfigError, LossShapeError, NonFiniteGradientError
-from .functional import LossFn, PerExampleGrads, batch_size, flatten_block
+from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, LossShapeError, NonFiniteGradientError
+from .check import LOW, Failure, cause, check_blocks, func_refusal, rows_to_check
+from .functional import LossFn, PerExampleGrads, densify, flatten_block
 from .layers import LayerSpec
+from .layout import ALL, NoBatchDim, batch_first, resolve
 from .modules import Use, prepare, prepare_delta
+
+_MAX_ROUNDS = 8      # forward+backward rounds for one batch while layouts and routes settle
 
 
 def _reentrant_refusal(exc: RuntimeError) -> bool:
@@ -47,27 +57,71 @@ def _reentrant_refusal(exc: RuntimeError) -> bool:
     return ".grad()" in msg and ("reentrant" in msg.lower() or "Checkpointing" in msg)
 
 
+def _first_arg_name(module: nn.Module) -> str | None:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params else None
+
+
+@dataclass
+class _Round:
+    """What one forward+backward of a batch saw."""
+
+    B: int | None = None
+    active: bool = True
+    acc: dict = field(default_factory=dict)        # block -> (B, r)
+    fired: set = field(default_factory=set)        # modules whose hook compressed a call
+    layouts: dict = field(default_factory=dict)    # module -> layout read this round (not yet verified)
+    shapes: dict = field(default_factory=dict)     # module -> (kind, input shape) of the last call
+    reroute: dict = field(default_factory=dict)    # block -> why it cannot be fused
+    low: set = field(default_factory=set)          # reduced-precision dtypes the hooked calls ran in
+
+
 class BatchCapture:
     """``capture(batch)`` → ({block: (B, r_l) float32}, per-example losses (B,)).
 
-    check: "first" (self-check the first batch), "always", or "never"."""
+    check: "first" (self-check the first batch, and any batch where a layout is read anew),
+    "always", or "never"."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, layers: list[LayerSpec], compressors: dict,
                  check: str = "first"):
+        if check not in ("first", "always", "never"):
+            raise ConfigError(f"check must be 'first', 'always' or 'never', got {check!r}")
         self.model, self.loss_fn, self.layers, self.compressors = model, loss_fn, layers, compressors
-        modules = dict(model.named_modules())
-        self.fused = [l for l in layers if l.kind == "fused"]
-        self.hooked = [(l, u, modules[u.module]) for l in self.fused for u in l.uses]
-        self.func = [l for l in layers if l.kind == "func"]
-        names = [n for l in self.func for n in l.param_names]
-        self.per_example = PerExampleGrads(model, loss_fn, names) if names else None
-        pm = dict(model.named_parameters(remove_duplicate=False))
-        self.fused_names = [n for l in self.fused for n in l.param_names]
-        self.fused_params = [pm[n] for n in self.fused_names]
+        self._modules = dict(model.named_modules())
+        self._params = dict(model.named_parameters(remove_duplicate=False))
         self.check = check
         self._checked = False
         self._backward_mode = "grad"        # "backward" once re-entrant checkpointing refused .grad()
+        self.layouts: dict[str, Any] = {}   # module -> verified layout
+        self._tried: dict[str, set] = {}    # module -> layouts that failed the per-example check
+        self.routed: dict[str, str] = {}    # block -> why it went from the fused hooks to torch.func
+        self._arg_names = {}
+        self._set_routes([l for l in layers if l.kind == "fused"])
 
+    def _set_routes(self, fused: list[LayerSpec]) -> None:
+        names = {l.name for l in fused}
+        self.fused = list(fused)
+        self.func = [l if l.kind == "func" else replace(l, kind="func") for l in self.layers if l.name not in names]
+        self.hooked = [(l, u, self._modules[u.module]) for l in self.fused for u in l.uses]
+        self.fused_names = [n for l in self.fused for n in l.param_names]
+        self.fused_params = [self._params[n] for n in self.fused_names]
+        self.all_names = self.fused_names + [n for l in self.func for n in l.param_names]
+        names = [n for l in self.func for n in l.param_names]
+        self.per_example = PerExampleGrads(self.model, self.loss_fn, names) if names else None
+
+    def _route(self, block: str, reason: str) -> None:
+        """Move a fused block to the torch.func path for the rest of this capture session."""
+        spec = next(l for l in self.fused if l.name == block)
+        mod = self._modules.get(spec.uses[0].module) if spec.uses else None
+        self.routed[block] = reason
+        warnings.warn(f"layer {block!r} ({type(mod).__name__}) is captured through torch.func per-example "
+                      f"gradients instead of its fused hook (exact, slower): {reason}.", stacklevel=4)
+        self._set_routes([l for l in self.fused if l.name != block])
+
+    # ------------------------------------------------------------------ the hooks
     def _losses(self, batch) -> torch.Tensor:
         losses = self.loss_fn(self.model, batch)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
@@ -77,212 +131,292 @@ class BatchCapture:
                 f"Use reduction='none' (and sum over tokens per example for sequence losses).")
         return losses
 
-    def _make_hook(self, block: LayerSpec, use, B, acc: dict, fired: set, problems: list, keep: bool = False):
-        """Forward hook of one use of a fused block: on the call's output-gradient, compress (input,
-        δ) into (B, r) and add it to ``acc[block]``. keep=True holds the saved input for several
-        backward passes through one forward (token-level capture); otherwise it is released at once."""
+    def _input_of(self, use, mod, args, kwargs):
+        if args:
+            return args[0]
+        if use.module not in self._arg_names:
+            self._arg_names[use.module] = _first_arg_name(mod)
+        return kwargs.get(self._arg_names[use.module]) if kwargs else None
+
+    def _make_hook(self, block: LayerSpec, use, rnd: _Round, keep: bool = False):
+        """Forward hook (with kwargs) of one use of a fused block: on the call's output-gradient,
+        compress (input, δ) into (B, r) and add it to ``rnd.acc[block]``. keep=True holds the saved
+        input for several backward passes through one forward (token-level capture); otherwise it
+        is released at once."""
         comp = self.compressors[block.name]
 
-        def hook(mod, inputs, output):
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        def hook(mod, args, kwargs, output):
+            if not (rnd.active and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
                 return None
-            src = inputs[0]
+            src = self._input_of(use, mod, args, kwargs)
+            if not isinstance(src, torch.Tensor):
+                rnd.reroute.setdefault(block.name, f"module {use.module!r} was called without a tensor input")
+                return None
+            if output.dtype in LOW or src.dtype in LOW:
+                rnd.low.add(str(output.dtype if output.dtype in LOW else src.dtype).replace("torch.", ""))
             version = src._version
-            x = src.detach()
-            if B is not None and B > 1 and x.shape[0] == 1:
-                # shared across the batch and broadcast later (e.g. position ids of shape
-                # (1, T)): expand so that each example's output-gradient stays separate
-                x = x.expand(B, *x.shape[1:])
-                output = output.expand(B, *output.shape[1:])
+            saved = [src.detach()]
             if output._is_view():
-                # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a
-                # new grad_fn and a hook on it never fires; the same storage as a non-view
+                # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a new
+                # grad_fn and a hook on it never fires; the same storage and shape as a non-view
                 # tensor keeps the hook on the output the module returned
                 output = torch.ops.aten._unsafe_view(output, output.shape)
-            saved = [x]
 
             def on_grad(g):
-                if not saved:
+                if not saved or not rnd.active:
                     return None
-                xx = saved[0] if keep else saved.pop()   # released as soon as this call is compressed
+                x = saved[0] if keep else saved.pop()   # released as soon as this call is compressed
                 if src._version != version:
-                    problems.append(f"the input of module {use.module!r} was modified in place after "
-                                    f"the call (version {version} → {src._version})")
+                    rnd.reroute.setdefault(block.name, f"the input of module {use.module!r} was modified in place "
+                                                       f"after the call, so the saved input is not what it saw")
                     return None
-                n = xx.shape[0]
-                a = prepare(use, xx, n)
-                d3 = prepare_delta(use, g.detach(), n)
-                val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
-                acc[block.name] = val if block.name not in acc else acc[block.name] + val
-                fired.add(use.module)
+                try:
+                    self._compress(block, use, comp, x, g.detach(), rnd)
+                except NoBatchDim as exc:
+                    rnd.reroute.setdefault(block.name, f"module {use.module!r}: {exc.reason}")
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:           # any call the fused math cannot read
+                    rnd.reroute.setdefault(block.name, f"the fused hook of module {use.module!r} could not read "
+                                                       f"this call ({type(exc).__name__}: {str(exc)[:160]})")
                 return None
 
             output.register_hook(on_grad)
             return output
         return hook
 
+    def _compress(self, block: LayerSpec, use, comp, x: torch.Tensor, g: torch.Tensor, rnd: _Round) -> None:
+        B = rnd.B
+        known = self.layouts.get(use.module)
+        layout = resolve(use.kind, tuple(x.shape), B, known, self._tried.get(use.module, ()))
+        rnd.shapes[use.module] = (use.kind, tuple(x.shape))
+        if layout != known and layout != ALL:
+            rnd.layouts[use.module] = layout
+        x, g = batch_first(layout, x, g, use.kind)
+        a = prepare(use, x, B)
+        d3 = prepare_delta(use, g, B)
+        if a.shape[0] != B or d3.shape[0] != B:
+            raise NoBatchDim(f"its input (shape {list(x.shape)}) could not be read as {B} examples")
+        val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
+        rnd.acc[block.name] = val if block.name not in rnd.acc else rnd.acc[block.name] + val
+        rnd.fired.add(use.module)
+
     @contextlib.contextmanager
-    def _hooked(self, batch, keep: bool = False):
-        """The compressing forward hooks on every tracked use, for one batch: yields (acc, fired) —
-        {block: (B, r)} filled during the backward, names of modules whose hooks fired — removes the
-        hooks on exit, and refuses the capture if a tracked module's input was modified in place."""
-        acc: dict[str, torch.Tensor] = {}
-        fired: set[str] = set()
-        problems: list[str] = []
+    def _hooked(self, keep: bool = False):
+        """The compressing forward hooks on every tracked use, for one forward: yields the _Round
+        that the backward fills, and removes the hooks on exit."""
+        rnd = _Round()
         handles = []
         try:
-            B = batch_size(batch)
-        except TypeError:
-            B = None
-        try:
             for block, use, mod in self.hooked:
-                handles.append(mod.register_forward_hook(self._make_hook(block, use, B, acc, fired, problems, keep)))
-            yield acc, fired
+                handles.append(mod.register_forward_hook(self._make_hook(block, use, rnd, keep), with_kwargs=True))
+            yield rnd
         finally:
             for h in handles:
                 h.remove()
-        if problems:
-            raise CaptureCheckError("; ".join(problems[:3]) + ". The captured gradients would be wrong: "
-                                    "avoid the in-place op (or clone the input) for tracked modules.")
 
-    def _run(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], set]:
-        """Forward + backward with the compressing hooks. Returns ({block: (B, r)} for the blocks
-        whose hooks fired, losses, {param name: batch gradient}, names of modules that fired)."""
+    # ------------------------------------------------------------------ one round
+    def _run(self, batch, check: bool):
+        """Forward + backward with the compressing hooks. With ``check``, the graph is kept for one more
+        backward per checked example. Returns (round, losses, batch grads, {b: example grads})."""
         grads: dict[str, torch.Tensor] = {}
-        with self._hooked(batch) as (acc, fired), torch.enable_grad():
+        per_ex: dict[int, dict[str, torch.Tensor]] = {}
+        with self._hooked() as rnd, torch.enable_grad():
             losses = self._losses(batch)
-            if self.fused_params:
-                grads = self._backward(losses)
-        return acc, losses, grads, fired
+            rnd.B = losses.shape[0]
+            names = self.all_names if check else self.fused_names
+            if names and losses.requires_grad:
+                grads = self._backward(losses.sum(), names, retain=check, main=True)
+            rnd.active = False       # a re-entrant checkpoint's recomputation must not add calls again
+            if check and losses.requires_grad:
+                rows = rows_to_check(rnd.B)
+                for j, b in enumerate(rows):
+                    per_ex[b] = self._backward(losses[b], self.all_names, retain=j + 1 < len(rows), main=False)
+        return rnd, losses, grads, per_ex
 
+    def _backward(self, target: torch.Tensor, names: list[str], retain: bool, main: bool) -> dict[str, torch.Tensor]:
+        params = [self._params[n] for n in names]
+        if self._backward_mode == "grad":
+            try:
+                gs = torch.autograd.grad(target, params, allow_unused=True, retain_graph=retain)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                if not _reentrant_refusal(exc):
+                    raise _backward_failed(exc) from exc
+                self._backward_mode = "backward"
+                warnings.warn("re-entrant gradient checkpointing refuses torch.autograd.grad; capturing with "
+                              ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=5)
+                raise _Retry() from exc   # the first backward already ran the hooks for nothing
+            fused = set(self.fused_names)
+            if main and any(g is None and n in fused for n, g in zip(names, gs)):
+                # a tracked weight the graph does not reach: unused this batch, or hidden inside a
+                # re-entrant checkpoint segment that autograd.grad prunes (its hooks never run).
+                # .backward() runs every node, so the batch is redone that way from now on.
+                self._backward_mode = "backward"
+                raise _Retry()
+            return {n: densify(g) for n, g in zip(names, gs) if g is not None}
+        # re-entrant checkpointing: .backward(), with every .grad saved and restored around it
+        every = [p for p in self.model.parameters() if p.requires_grad]
+        old = [p.grad for p in every]
+        for p in every:
+            p.grad = None
+        try:
+            try:
+                target.backward(retain_graph=retain)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                raise _backward_failed(exc) from exc
+            return {n: densify(p.grad) for n, p in zip(names, params) if p.grad is not None}
+        finally:
+            for p, g in zip(every, old):
+                p.grad = g
+
+    def _assemble(self, rnd: _Round, losses: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+        B = losses.shape[0]
+        feats: dict[str, torch.Tensor] = {}
+        for block in self.fused:
+            v = rnd.acc.get(block.name)
+            # tracked but not reached by this batch: zero gradient (the self-check verifies it is)
+            feats[block.name] = v if v is not None else torch.zeros(B, self.compressors[block.name].r,
+                                                                     device=losses.device)
+        if self.per_example is not None:
+            try:
+                pe = self.per_example(batch)
+            except (DropinfError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:
+                raise CaptureCheckError(
+                    f"the torch.func path for layers {[l.name for l in self.func][:4]} could not compute per-example "
+                    f"gradients ({type(exc).__name__}: {str(exc)[:300]}). It runs loss_fn on each example alone, "
+                    f"slicing every tensor of the batch along dim 0: make every tensor of the batch batch-first, "
+                    f"or leave these layers out of track=.") from exc
+            for spec in self.func:
+                rows = flatten_block(pe, spec.param_names)
+                if rows.shape[0] != B:
+                    raise CaptureCheckError(
+                        f"the torch.func path for layer {spec.name!r} gave {rows.shape[0]} per-example gradients "
+                        f"for a batch of {B} losses: it slices the batch's tensors along dim 0, so every tensor of "
+                        f"the batch must be batch-first. Yield batch-first tensors (transpose inside the model).")
+                feats[spec.name] = self.compressors[spec.name].from_flat(rows)
+        return {l.name: feats[l.name].detach().float() for l in self.layers}
+
+    # ------------------------------------------------------------------ the entry
+    def __call__(self, batch: Any, check: bool | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns ({block name: (B, r_l) float32}, per-example losses (B,))."""
+        due = check if check is not None else (self.check == "always" or
+                                               (self.check == "first" and not self._checked))
+        for _ in range(_MAX_ROUNDS):
+            try:
+                rnd, losses, grads, per_ex = self._run(batch, due)
+            except _Retry:
+                continue
+            if rnd.reroute:                      # calls the fused math cannot read: torch.func, redo
+                for block, reason in rnd.reroute.items():
+                    self._route(block, reason)
+                continue
+            if rnd.layouts and not due and self.check != "never":
+                due = True                       # a layout read anew is verified before it is used
+                continue
+            feats = self._assemble(rnd, losses, batch)
+            if due and per_ex:
+                failures = check_blocks(self.fused + self.func, self.compressors, feats, grads, per_ex,
+                                        self._params, bool(rnd.low) or self._low_weights())
+                if failures:
+                    self._handle(failures, rnd)
+                    continue
+            self.layouts.update(rnd.layouts)
+            if due:
+                self._checked = True
+            return feats, losses.detach()
+        raise CaptureCheckError(f"capture could not settle on a correct way to capture this batch in {_MAX_ROUNDS} "
+                                f"rounds (routes: {self.routed}). Please report this model.")
+
+    def _low_weights(self) -> bool:
+        return any(self._params[n].dtype in LOW for n in self.all_names)
+
+    def _handle(self, failures: list[Failure], rnd: _Round) -> None:
+        """A fused block that failed: the next candidate layout, else torch.func. A func block: refuse."""
+        low = ", ".join(sorted(rnd.low)) or (str(next(self._params[n].dtype for n in self.all_names
+                                                      if self._params[n].dtype in LOW)).replace("torch.", "")
+                                             if self._low_weights() else None)
+        fused = {l.name: l for l in self.fused}
+        for f in failures:
+            block = fused.get(f.block)
+            mtype = self._module_type(f.block)
+            if block is None:
+                raise CaptureCheckError(func_refusal(f, mtype, low))
+            pending = [u for u in block.uses if u.module in rnd.layouts]
+            if f.kind == "rows" and pending:
+                for u in pending:
+                    self._tried.setdefault(u.module, set()).add(rnd.layouts[u.module])
+                if all(self._has_next(u.module, rnd) for u in pending):
+                    continue                     # read those inputs with the next layout, then check again
+            note = "".join(f" (input shape {list(rnd.shapes[u.module][1])} read with the batch in "
+                           f"{'dim ' + str(rnd.layouts[u.module]) if isinstance(rnd.layouts[u.module], int) else 'a flattened dim 0'})"
+                           for u in pending[:1] if u.module in rnd.shapes)
+            self._route(f.block, cause(f, mtype, any(u.module in rnd.fired for u in block.uses), note, low))
+
+    def _has_next(self, module: str, rnd: _Round) -> bool:
+        kind, shape = rnd.shapes[module]
+        try:
+            resolve(kind, shape, rnd.B, None, self._tried.get(module, ()))
+            return True
+        except NoBatchDim:
+            return False
+
+    def _module_type(self, block: str) -> str:
+        spec = next((l for l in self.layers if l.name == block), None)
+        name = spec.uses[0].module if spec is not None and spec.uses else block
+        mod = self._modules.get(name)
+        return type(mod).__name__ if mod is not None else "?"
+
+    # ------------------------------------------------------------------ token-level capture
     def tokens(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Token-level capture: ``loss_fn`` (here a measurement) returns (B, T) values, one per token;
         one forward, then one backward per column t with the saved inputs kept, so row (b, t) is the
         compressed gradient of value[b, t] alone. Returns ({block: (B, T, r_l)}, values (B, T)).
-        Only fused blocks (the torch.func fallback has no per-token form)."""
+        Only fused blocks (the torch.func fallback has no per-token form); layouts are those this
+        session verified (capture the sequence-level features first to verify new ones)."""
         if self.func:
             raise ConfigError(f"token-level scores need fused capture for every tracked layer; "
                               f"{[l.name for l in self.func][:4]} go through torch.func. Leave them out of track=.")
         cols = []
-        with self._hooked(batch, keep=True) as (acc, _), torch.enable_grad():
+        with self._hooked(keep=True) as rnd, torch.enable_grad():
             values = self.loss_fn(self.model, batch)
             if not isinstance(values, torch.Tensor) or values.dim() != 2:
                 shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
                 raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
                                      f"token), got {shape}. See dropinf.measures.token_nll.")
+            rnd.B = values.shape[0]
             for t in range(values.shape[1]):
-                acc.clear()
+                rnd.acc.clear()
                 col = values[:, t].sum()
                 if col.requires_grad:
                     torch.autograd.grad(col, self.fused_params, retain_graph=t + 1 < values.shape[1],
                                         allow_unused=True)
-                cols.append({l.name: (acc[l.name] if l.name in acc else
+                if rnd.reroute:
+                    block, reason = next(iter(rnd.reroute.items()))
+                    raise ConfigError(f"token-level scores need the fused hook of layer {block!r}, which cannot "
+                                      f"capture this model: {reason}. Leave it out of track=.")
+                cols.append({l.name: (rnd.acc[l.name] if l.name in rnd.acc else
                                       torch.zeros(values.shape[0], self.compressors[l.name].r,
                                                   device=values.device)).detach().float()
                              for l in self.fused})
         feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
         return feats, values.detach()
 
-    def _backward(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
-        total = losses.sum()
-        if self._backward_mode == "grad":
-            try:
-                gs = torch.autograd.grad(total, self.fused_params, allow_unused=True)
-                if any(g is None for g in gs):
-                    # a tracked weight the graph does not reach: unused this batch, or hidden inside a
-                    # re-entrant checkpoint segment that autograd.grad prunes (its hooks never run).
-                    # .backward() runs every node, so the batch is redone that way from now on.
-                    self._backward_mode = "backward"
-                    raise _Retry()
-                return dict(zip(self.fused_names, gs))
-            except RuntimeError as exc:
-                if not _reentrant_refusal(exc):
-                    raise
-                self._backward_mode = "backward"
-                warnings.warn("re-entrant gradient checkpointing refuses torch.autograd.grad; capturing with "
-                              ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=4)
-                # the first backward already ran the hooks for nothing: the caller retries
-                raise _Retry() from exc
-        # re-entrant checkpointing: .backward(), with every .grad saved and restored around it
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        old = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
-            total.backward()
-            by_id = {id(p): p.grad for p in params}
-            return {n: by_id[id(p)] for n, p in zip(self.fused_names, self.fused_params) if by_id.get(id(p)) is not None}
-        finally:
-            for p, g in zip(params, old):
-                p.grad = g
 
-    def __call__(self, batch: Any, check: bool | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Returns ({block name: (B, r_l) float32}, per-example losses (B,))."""
-        try:
-            acc, losses, grads, fired = self._run(batch)
-        except _Retry:
-            acc, losses, grads, fired = self._run(batch)
-        B = losses.shape[0]
-        feats: dict[str, torch.Tensor] = {}
-        for block in self.fused:
-            v = acc.get(block.name)
-            if v is not None and v.shape[0] != B:
-                raise LossShapeError(
-                    f"module {block.uses[0].module!r} saw a batch of {v.shape[0]} rows but loss_fn returned "
-                    f"{B} losses; the fused capture needs batch-first inputs.")
-            # tracked but not reached by this batch: zero gradient (the self-check verifies it is)
-            feats[block.name] = v if v is not None else torch.zeros(B, self.compressors[block.name].r,
-                                                                     device=losses.device)
-        if self.per_example is not None:
-            pe = self.per_example(batch)
-            for spec in self.func:
-                feats[spec.name] = self.compressors[spec.name].from_flat(flatten_block(pe, spec.param_names))
-        out = {l.name: feats[l.name].detach().float() for l in self.layers}
-        do_check = check if check is not None else (self.check == "always" or
-                                                    (self.check == "first" and not self._checked))
-        if do_check and self.fused:
-            self.self_check(out, grads, fired)
-            self._checked = True
-        return out, losses.detach()
-
-    def self_check(self, feats: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], fired: set,
-                   rtol: float = 2e-3) -> None:
-        """Σ_b captured entries == the compressor applied to the plain batch gradient, per fused block."""
-        modules = dict(self.model.named_modules())
-        for block in self.fused:
-            comp = self.compressors[block.name]
-            if any(n not in grads for n in block.param_names):
-                present = {n: grads.get(n) for n in block.param_names}
-                pm = dict(self.model.named_parameters(remove_duplicate=False))
-                for n in block.param_names:
-                    if present[n] is None:
-                        present[n] = torch.zeros_like(pm[n])
-                gsum = flatten_block({n: g.unsqueeze(0) for n, g in present.items()}, block.param_names)
-            else:
-                gsum = flatten_block({n: grads[n].unsqueeze(0) for n in block.param_names}, block.param_names)
-            low = gsum.dtype in (torch.float16, torch.bfloat16)   # half-precision models: looser check
-            want = comp.from_flat(gsum.to(feats[block.name].dtype))[0].double()
-            got = feats[block.name].double().sum(0)
-            scale = float(want.abs().max().clamp_min(got.abs().max()))
-            err = float((got - want).abs().max())
-            if err <= (5e-2 if low else rtol) * scale + 1e-12:
-                continue
-            mtype = type(modules[block.uses[0].module]).__name__ if block.uses else "?"
-            never = not any(u.module in fired for u in block.uses)
-            if never:
-                cause = (f"its module never ran in the forward while its weight took part in the loss: the "
-                         f"weight is used without calling the module (e.g. nn.MultiheadAttention applies "
-                         f"out_proj functionally). Track it through torch.func with CaptureOptions(fused=False), "
-                         f"or leave it out of track=")
-            else:
-                cause = ("the loss depends on the weight other than through the module's output. Most often a "
-                         "term of loss_fn that uses the parameter directly — weight decay written into the "
-                         "loss (move it out of loss_fn and pass it as damping to the estimator) — or a "
-                         "second, functional use of the weight")
-            raise CaptureCheckError(
-                f"capture self-check failed for layer {block.name!r} ({mtype}): the batch sum of its captured "
-                f"per-example gradient entries differs from the plain batch gradient (max abs error {err:.3g}, "
-                f"scale {scale:.3g}). Likely cause: {cause}. Refusing rather than returning wrong scores.")
+def _backward_failed(exc: RuntimeError) -> CaptureError:
+    hint = ""
+    if "inplace" in str(exc) or "in-place" in str(exc):
+        hint = (" An in-place operation in the model or loss_fn modified a tensor that the backward needs (often "
+                "the input of a layer, modified after the call): clone it first or use the out-of-place op.")
+    return CaptureError(f"the backward pass through loss_fn failed ({type(exc).__name__}: {str(exc)[:300]}). A plain "
+                        f"loss_fn(model, batch).sum().backward() fails the same way, so the model or loss_fn must "
+                        f"change before any gradient of it can be taken.{hint}")
 
 
 class _Retry(Exception):

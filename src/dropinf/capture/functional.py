@@ -38,6 +38,11 @@ def batch_size(batch) -> int:
     return sizes[0]
 
 
+def densify(g):
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as a dense tensor; others unchanged."""
+    return g.to_dense() if isinstance(g, torch.Tensor) and g.is_sparse else g
+
+
 def slice_batch(batch, i: int):
     return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() else t, batch)
 
@@ -76,7 +81,7 @@ class PerExampleGrads:
             return functional_call(self.wrapper, p, (b1,)).sum()
 
         g = vmap(grad(one), in_dims=(None, 0))(keyed, batch)
-        return {n: g[f"model.{n}"] for n in params}
+        return {n: densify(g[f"model.{n}"]) for n in params}
 
     def _loop(self, params, batch):
         B = batch_size(batch)
@@ -87,7 +92,7 @@ class PerExampleGrads:
             loss = functional_call(self.wrapper, keyed, (slice_batch(batch, i),)).sum()
             gs = torch.autograd.grad(loss, leaves, allow_unused=True)
             for n, p, gi in zip(params, leaves, gs):
-                out[n].append(torch.zeros_like(p) if gi is None else gi)
+                out[n].append(torch.zeros_like(p) if gi is None else densify(gi))
         return {n: torch.stack(v) for n, v in out.items()}
 
 

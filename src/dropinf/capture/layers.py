@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from ..errors import ConfigError, NoTrackableLayersError
 from .modules import UseSpec, fused_kind, use_spec
@@ -61,13 +62,23 @@ class LayerSpec:
 
 
 def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    """The module's trainable parameters, those behind its parametrized tensors included
+    (``parametrizations.weight.original0``, ... of torch.nn.utils.parametrize, registered on a
+    child ParametrizationList): the block's gradient is taken with respect to what is registered."""
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if is_parametrized(module):
+        own += [(f"parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()
+                if p.requires_grad]
+    return own
 
 
 def _fused_parts(name: str, module: nn.Module):
-    """(kind, weight, bias or None) if the module has a fused hook and a trainable weight."""
+    """(kind, weight, bias or None) if the module has a fused hook and a trainable weight Parameter.
+    A weight computed from other parameters (torch.nn.utils.parametrizations, the older
+    weight_norm/spectral_norm hooks) is not: its gradient belongs to those, so torch.func takes it."""
     kind = fused_kind(module)
-    if kind is None or not module.weight.requires_grad:
+    if kind is None or is_parametrized(module) or not isinstance(module._parameters.get("weight"), nn.Parameter) \
+            or not module.weight.requires_grad:
         return None
     bias = getattr(module, "bias", None)
     return kind, module.weight, (bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None)
@@ -120,6 +131,8 @@ def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[Layer
             blocks.append({"name": n, "kind": "func", "params": [(prefix + k, tuple(p.shape)) for k, p in own],
                            "uses": []})
             placed.add(n)
+            if is_parametrized(m):   # its ParametrizationList's parameters belong to this block
+                placed.update(f"{prefix}{c}".rstrip(".") for c, _ in m.parametrizations.named_modules(prefix="parametrizations"))
             continue
         kind, w, b = parts
         blk = {"name": n, "kind": "fused", "params": [(pname[id(w)], tuple(w.shape))], "uses": [], "dim": w.numel()}

@@ -40,8 +40,9 @@ def fused_kind(module: nn.Module) -> str | None:
     c1 = _conv1d_type()
     if c1 is not None and isinstance(module, c1):
         return "conv1d"
-    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq and not module.sparse \
-            and module.max_norm is None:
+    # sparse=True only changes the format of the batch gradient, and max_norm renormalises rows in
+    # place outside the graph: the per-example gradient is the same sum over tokens either way
+    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq:
         return "embedding"
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return "conv2d"
@@ -226,12 +227,15 @@ def prepare(spec: UseSpec, inp: torch.Tensor, B: int) -> torch.Tensor:
         return inp.reshape(B, -1)
     if spec.kind == "conv2d":
         kernel, stride, padding, dilation = spec.conv
-        cols = F.unfold(inp, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*k, L)
+        cols = F.unfold(inp, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C*k, L)
+        if cols.shape[0] != B:     # batch-major flattened calls (capture.layout.FLAT): (B, n/B·L, C*k)
+            return cols.transpose(1, 2).reshape(B, -1, cols.shape[1])
         return cols.transpose(1, 2)
     return inp.reshape(B, -1, inp.shape[-1])
 
 
 def prepare_delta(spec: UseSpec, dy: torch.Tensor, B: int) -> torch.Tensor:
     if spec.kind == "conv2d":
-        return dy.reshape(B, dy.shape[1], -1).transpose(1, 2)   # (B, L, C_out)
+        d = dy.reshape(dy.shape[0], dy.shape[1], -1).transpose(1, 2)   # (n, L, C_out)
+        return d if d.shape[0] == B else d.reshape(B, -1, d.shape[-1])
     return dy.reshape(B, -1, dy.shape[-1])

@@ -1,0 +1,122 @@
+"""The capture self-check: captured rows against the gradients they claim to be.
+
+Run on the first batch of every capture session (``check="always"``: every batch; and on any
+later batch where a tracked module's input layout had to be read anew, capture.layout). Two
+comparisons per tracked block, both against plain autograd on the same forward:
+
+* **rows**: the captured row of a few examples of the batch (the first, the middle and the last)
+  against the same compression of that example's own gradient, ∂ loss_b / ∂θ — one extra backward
+  per example from the retained graph. This is what sees rows given to the wrong example (a
+  sequence-first input read batch-first, a table shared by the batch) — a sum cannot.
+* **sum**: Σ_b of every captured row against the compression of the plain batch gradient, which
+  covers the examples the row check did not pick.
+
+A block passes when ‖got − want‖ ≤ tol · ‖want‖ for each compared vector (tol 2e-3; 3e-2 when the
+forward ran in bfloat16/float16, e.g. under autocast). What happens to a block that fails is the
+engine's business (capture.engine): a fused block is read with another layout or moved to the
+torch.func path; a torch.func block is refused with a CaptureCheckError naming the cause.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .functional import flatten_block
+from .layers import LayerSpec
+
+TOL = 2e-3
+TOL_LOW = 3e-2      # bfloat16 / float16 forward (autocast or half weights)
+LOW = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Failure:
+    block: str
+    kind: str          # "rows" (some example's row) or "sum" (the batch sum)
+    error: float       # relative error ‖got − want‖ / ‖want‖
+    tol: float
+    examples: tuple    # positions in the batch whose rows differ ("rows")
+
+
+def rows_to_check(B: int) -> list[int]:
+    """The examples whose rows are compared with their own gradients: first, middle, last."""
+    return sorted({0, B // 2, B - 1})
+
+
+def _flat(grads: dict[str, torch.Tensor], block: LayerSpec, params: dict) -> torch.Tensor:
+    """(1, d_l): one gradient of the block, zeros for parameters the graph did not reach."""
+    gs = {n: (grads[n] if grads.get(n) is not None else torch.zeros_like(params[n])).unsqueeze(0)
+          for n in block.param_names}
+    return flatten_block(gs, block.param_names)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor, floor: float) -> float:
+    diff = float((got - want).norm())
+    scale = max(float(want.norm()), float(got.norm()), floor)
+    return 0.0 if scale == 0.0 else diff / scale
+
+
+def check_blocks(blocks: list[LayerSpec], compressors: dict, feats: dict[str, torch.Tensor],
+                 batch_grads: dict[str, torch.Tensor], example_grads: dict[int, dict[str, torch.Tensor]],
+                 params: dict, low_precision: bool) -> list[Failure]:
+    """Every block's failures (empty when all pass). ``example_grads[b]``: {param: ∂ loss_b/∂param}."""
+    tol = TOL_LOW if low_precision else TOL
+    failures = []
+    for block in blocks:
+        comp, rows = compressors[block.name], feats[block.name].double()
+        wants = {b: comp.from_flat(_flat(g, block, params).to(feats[block.name].dtype))[0].double()
+                 for b, g in example_grads.items()}
+        # a floor so that an example whose gradient is ~0 for this block is not judged on rounding noise
+        floor = 1e-6 * max([float(w.norm()) for w in wants.values()] + [float(rows.norm(dim=1).max())] + [0.0])
+        bad, worst = [], 0.0
+        for b, want in wants.items():
+            err = _rel(rows[b], want, floor)
+            worst = max(worst, err)
+            if err > tol:
+                bad.append(b)
+        if batch_grads:     # a wrong sum says more about the cause than wrong rows: check it first
+            want = comp.from_flat(_flat(batch_grads, block, params).to(feats[block.name].dtype))[0].double()
+            err = _rel(rows.sum(0), want, 1e-6 * float(rows.norm(dim=1).sum()))
+            if err > tol:
+                failures.append(Failure(block.name, "sum", err, tol, tuple(bad)))
+                continue
+        if bad:
+            failures.append(Failure(block.name, "rows", worst, tol, tuple(bad)))
+    return failures
+
+
+def cause(f: Failure, module_type: str, fired: bool, layout_note: str, low_dtype: str | None) -> str:
+    """Why a fused block failed, in words a user can act on."""
+    if f.kind == "rows":
+        why = (f"the captured rows of examples {list(f.examples)} of the batch differ from those examples' own "
+               f"gradients (relative error {f.error:.2g}) while their sum matches the batch gradient: the rows "
+               f"mixed the examples{layout_note}")
+    elif not fired:
+        why = ("its module never ran in the forward while its weight took part in the loss: the weight is used "
+               "without calling the module (e.g. read as module.weight inside another module's forward)")
+    else:
+        why = (f"the batch sum of its captured rows differs from the plain batch gradient (relative error "
+               f"{f.error:.2g}): the loss depends on the weight other than through the module's output — most "
+               f"often a term of loss_fn that uses the parameter directly (weight decay written into the loss: "
+               f"better passed as damping to the estimator), or a second, functional use of the weight")
+    if low_dtype:
+        why += (f" (the forward ran in {low_dtype}; the error exceeds even the reduced-precision tolerance "
+                f"{f.tol:g})")
+    return why
+
+
+def func_refusal(f: Failure, module_type: str, low_dtype: str | None) -> str:
+    """The CaptureCheckError message for a torch.func block whose rows are wrong."""
+    what = (f"the rows of examples {list(f.examples)}" if f.kind == "rows" else "the batch sum of the rows")
+    msg = (f"capture self-check failed for layer {f.block!r} ({module_type}, torch.func per-example gradients): "
+           f"{what} differ from the plain autograd gradients of the same forward (relative error {f.error:.2g}, "
+           f"tolerance {f.tol:g}). The torch.func path computes each example alone, slicing every tensor of the "
+           f"batch along dim 0, so this happens when the batch holds a tensor whose first dimension is not the "
+           f"batch (sequence-first inputs: yield batch-first tensors and transpose inside the model), when "
+           f"examples interact within the batch (BatchNorm in training mode, a loss normalised over the batch), "
+           f"or when loss_fn does not return each example's own loss.")
+    if low_dtype:
+        msg += f" The forward ran in {low_dtype}: a larger rounding error than the tolerance is possible too."
+    return msg + " Refusing rather than returning wrong scores."
