@@ -29,7 +29,8 @@ def loop_grads(model: nn.Module, loss_fn, batch, param_names) -> torch.Tensor:
         gs = [p.grad for p in params]
         for p, g in zip(every, old):
             p.grad = g
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
+                               for p, g in zip(params, gs)]))
     return torch.stack(rows)
 
 

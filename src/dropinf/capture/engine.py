@@ -291,8 +291,10 @@ class BatchCapture:
                 raise CaptureCheckError(
                     f"the torch.func path for layers {[l.name for l in self.func][:4]} could not compute per-example "
                     f"gradients ({type(exc).__name__}: {str(exc)[:300]}). It runs loss_fn on each example alone, "
-                    f"slicing every tensor of the batch along dim 0: make every tensor of the batch batch-first, "
-                    f"or leave these layers out of track=.") from exc
+                    f"slicing every tensor of the batch along dim 0, which fails when a tensor of the batch is not "
+                    f"batch-first (yield batch-first tensors and transpose inside the model) or when examples "
+                    f"interact within the batch (BatchNorm in training mode: keep CaptureOptions(eval_mode=True)). "
+                    f"Otherwise leave these layers out of track=.") from exc
             for spec in self.func:
                 rows = flatten_block(pe, spec.param_names)
                 if rows.shape[0] != B:
@@ -354,10 +356,17 @@ class BatchCapture:
                     self._tried.setdefault(u.module, set()).add(rnd.layouts[u.module])
                 if all(self._has_next(u.module, rnd) for u in pending):
                     continue                     # read those inputs with the next layout, then check again
-            note = "".join(f" (input shape {list(rnd.shapes[u.module][1])} read with the batch in "
-                           f"{'dim ' + str(rnd.layouts[u.module]) if isinstance(rnd.layouts[u.module], int) else 'a flattened dim 0'})"
-                           for u in pending[:1] if u.module in rnd.shapes)
+            note = "".join(self._layout_note(u.module, rnd) for u in pending[:1] if u.module in rnd.shapes)
             self._route(f.block, cause(f, mtype, any(u.module in rnd.fired for u in block.uses), note, low))
+
+    @staticmethod
+    def _layout_note(module: str, rnd: _Round) -> str:
+        shape, layout = list(rnd.shapes[module][1]), rnd.layouts[module]
+        where = f"dim {layout}" if isinstance(layout, int) else "a flattened dim 0"
+        if shape and shape[0] == 1:
+            return (f" — module {module!r}'s input (shape {shape}) is shared by the whole batch, and its {where} "
+                    f"only happens to have the batch size")
+        return f" — module {module!r}'s input (shape {shape}) read with the batch in {where}, and no other reading fits"
 
     def _has_next(self, module: str, rnd: _Round) -> bool:
         kind, shape = rnd.shapes[module]
