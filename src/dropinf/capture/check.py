@@ -45,11 +45,17 @@ def rows_to_check(B: int) -> list[int]:
     return sorted({0, B // 2, B - 1})
 
 
-def _flat(grads: dict[str, torch.Tensor], block: LayerSpec, params: dict) -> torch.Tensor:
-    """(1, d_l): one gradient of the block, zeros for parameters the graph did not reach."""
-    gs = {n: (grads[n] if grads.get(n) is not None else torch.zeros_like(params[n])).unsqueeze(0)
-          for n in block.param_names}
-    return flatten_block(gs, block.param_names)
+def compress_grads(grads: dict[str, torch.Tensor], blocks: list[LayerSpec], compressors: dict,
+                   params: dict) -> dict[str, torch.Tensor]:
+    """{block: (r,) float64}: one gradient ({param: tensor}, absent = zero) compressed as its block's rows
+    are — done at once, so that no more than one full gradient is alive during the check."""
+    out = {}
+    for block in blocks:
+        gs = {n: (grads[n] if grads.get(n) is not None else torch.zeros_like(params[n])).unsqueeze(0)
+              for n in block.param_names}
+        flat = flatten_block(gs, block.param_names)
+        out[block.name] = compressors[block.name].from_flat(flat.float() if flat.dtype in LOW else flat)[0].double()
+    return out
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor, floor: float) -> float:
@@ -58,16 +64,15 @@ def _rel(got: torch.Tensor, want: torch.Tensor, floor: float) -> float:
     return 0.0 if scale == 0.0 else diff / scale
 
 
-def check_blocks(blocks: list[LayerSpec], compressors: dict, feats: dict[str, torch.Tensor],
-                 batch_grads: dict[str, torch.Tensor], example_grads: dict[int, dict[str, torch.Tensor]],
-                 params: dict, low_precision: bool) -> list[Failure]:
-    """Every block's failures (empty when all pass). ``example_grads[b]``: {param: ∂ loss_b/∂param}."""
+def check_blocks(blocks: list[LayerSpec], feats: dict[str, torch.Tensor], want_sum: dict[str, torch.Tensor],
+                 want_rows: dict[int, dict[str, torch.Tensor]], low_precision: bool) -> list[Failure]:
+    """Every block's failures (empty when all pass). ``want_rows[b][block]``: example b's own gradient,
+    compressed; ``want_sum[block]``: the batch gradient, compressed (both from compress_grads)."""
     tol = TOL_LOW if low_precision else TOL
     failures = []
     for block in blocks:
-        comp, rows = compressors[block.name], feats[block.name].double()
-        wants = {b: comp.from_flat(_flat(g, block, params).to(feats[block.name].dtype))[0].double()
-                 for b, g in example_grads.items()}
+        rows = feats[block.name].double()
+        wants = {b: w[block.name] for b, w in want_rows.items()}
         # a floor so that an example whose gradient is ~0 for this block is not judged on rounding noise
         floor = 1e-6 * max([float(w.norm()) for w in wants.values()] + [float(rows.norm(dim=1).max())] + [0.0])
         bad, worst = [], 0.0
@@ -76,9 +81,8 @@ def check_blocks(blocks: list[LayerSpec], compressors: dict, feats: dict[str, to
             worst = max(worst, err)
             if err > tol:
                 bad.append(b)
-        if batch_grads:     # a wrong sum says more about the cause than wrong rows: check it first
-            want = comp.from_flat(_flat(batch_grads, block, params).to(feats[block.name].dtype))[0].double()
-            err = _rel(rows.sum(0), want, 1e-6 * float(rows.norm(dim=1).sum()))
+        if want_sum:     # a wrong sum says more about the cause than wrong rows: check it first
+            err = _rel(rows.sum(0), want_sum[block.name], 1e-6 * float(rows.norm(dim=1).sum()))
             if err > tol:
                 failures.append(Failure(block.name, "sum", err, tol, tuple(bad)))
                 continue

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, LossShapeError, NonFiniteGradientError
-from .check import LOW, Failure, cause, check_blocks, func_refusal, rows_to_check
+from .check import LOW, Failure, cause, check_blocks, compress_grads, func_refusal, rows_to_check
 from .functional import LossFn, PerExampleGrads, densify, flatten_block
 from .layers import LayerSpec
 from .layout import ALL, NoBatchDim, batch_first, resolve
@@ -219,21 +219,28 @@ class BatchCapture:
     # ------------------------------------------------------------------ one round
     def _run(self, batch, check: bool):
         """Forward + backward with the compressing hooks. With ``check``, the graph is kept for one more
-        backward per checked example. Returns (round, losses, batch grads, {b: example grads})."""
-        grads: dict[str, torch.Tensor] = {}
-        per_ex: dict[int, dict[str, torch.Tensor]] = {}
+        backward per checked example. Returns (round, losses, compressed batch gradient,
+        {b: compressed gradient of example b}) — the last two only with ``check``."""
+        want_sum: dict[str, torch.Tensor] = {}
+        want_rows: dict[int, dict[str, torch.Tensor]] = {}
+        blocks = self.fused + self.func
         with self._hooked() as rnd, torch.enable_grad():
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
             names = self.all_names if check else self.fused_names
             if names and losses.requires_grad:
                 grads = self._backward(losses.sum(), names, retain=check, main=True)
+                if check:
+                    want_sum = compress_grads(grads, blocks, self.compressors, self._params)
+                del grads
             rnd.active = False       # a re-entrant checkpoint's recomputation must not add calls again
             if check and losses.requires_grad:
                 rows = rows_to_check(rnd.B)
                 for j, b in enumerate(rows):
-                    per_ex[b] = self._backward(losses[b], self.all_names, retain=j + 1 < len(rows), main=False)
-        return rnd, losses, grads, per_ex
+                    g = self._backward(losses[b], self.all_names, retain=j + 1 < len(rows), main=False)
+                    want_rows[b] = compress_grads(g, blocks, self.compressors, self._params)
+                    del g
+        return rnd, losses, want_sum, want_rows
 
     def _backward(self, target: torch.Tensor, names: list[str], retain: bool, main: bool) -> dict[str, torch.Tensor]:
         params = [self._params[n] for n in names]
@@ -312,7 +319,7 @@ class BatchCapture:
                                                (self.check == "first" and not self._checked))
         for _ in range(_MAX_ROUNDS):
             try:
-                rnd, losses, grads, per_ex = self._run(batch, due)
+                rnd, losses, want_sum, want_rows = self._run(batch, due)
             except _Retry:
                 continue
             if rnd.reroute:                      # calls the fused math cannot read: torch.func, redo
@@ -323,9 +330,9 @@ class BatchCapture:
                 due = True                       # a layout read anew is verified before it is used
                 continue
             feats = self._assemble(rnd, losses, batch)
-            if due and per_ex:
-                failures = check_blocks(self.fused + self.func, self.compressors, feats, grads, per_ex,
-                                        self._params, bool(rnd.low) or self._low_weights())
+            if due and want_rows:
+                failures = check_blocks(self.fused + self.func, feats, want_sum, want_rows,
+                                        bool(rnd.low) or self._low_weights())
                 if failures:
                     self._handle(failures, rnd)
                     continue
