@@ -227,22 +227,74 @@ class BatchCapture:
         with self._hooked() as rnd, torch.enable_grad():
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
+            if check and losses.requires_grad:
+                # the examples' own gradients first, with the hooks idle and the graph kept; the main
+                # backward comes last, so that it frees the activations as it goes, as training does
+                rnd.active = False
+                for b in rows_to_check(rnd.B):
+                    want_rows[b] = self._example_grads(losses[b], blocks)
+                rnd.active = True
             names = self.all_names if check else self.fused_names
             if names and losses.requires_grad:
-                grads = self._backward(losses.sum(), names, retain=check, main=True)
+                grads = self._backward(losses.sum(), names, retain=False, main=True)
                 if check:
                     want_sum = compress_grads(grads, blocks, self.compressors, self._params)
                 del grads
-            rnd.active = False       # a re-entrant checkpoint's recomputation must not add calls again
-            if check and losses.requires_grad:
-                rows = rows_to_check(rnd.B)
-                for j, b in enumerate(rows):
-                    g = self._backward(losses[b], self.all_names, retain=j + 1 < len(rows), main=False)
-                    want_rows[b] = compress_grads(g, blocks, self.compressors, self._params)
-                    del g
+            rnd.active = False       # nothing after the main backward may add calls
         return rnd, losses, want_sum, want_rows
 
-    def _backward(self, target: torch.Tensor, names: list[str], retain: bool, main: bool) -> dict[str, torch.Tensor]:
+    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec]) -> dict[str, torch.Tensor]:
+        """{block: (r,)}: the gradient of ``target`` (one example's loss), each block compressed as soon
+        as autograd has accumulated its parameters' gradients and then released, so that the check
+        never holds a full gradient of the model beside the kept graph. ``.grad`` fields are restored."""
+        owner = {}
+        for block in blocks:
+            for n in block.param_names:
+                owner.setdefault(id(self._params[n]), []).append((block, n))
+        tracked = list({id(self._params[n]): self._params[n] for b in blocks for n in b.param_names}.values())
+        pending: dict[str, dict] = {}
+        out: dict[str, torch.Tensor] = {}
+
+        def make(p):
+            def hook(param):
+                g = densify(param.grad)
+                param.grad = None
+                for block, n in owner[id(p)]:
+                    got = pending.setdefault(block.name, {})
+                    got[n] = g
+                    if len(got) == len(block.param_names):
+                        out.update(compress_grads(pending.pop(block.name), [block], self.compressors, self._params))
+            return hook
+
+        every = [p for p in self.model.parameters() if p.requires_grad]
+        old = [p.grad for p in every]
+        handles = []
+        try:
+            for p in every:
+                p.grad = None
+            handles = [p.register_post_accumulate_grad_hook(make(p)) for p in tracked]
+            try:
+                # inputs= spares untracked parameters, but re-entrant checkpointing refuses it
+                target.backward(retain_graph=True, inputs=tracked if self._backward_mode == "grad" else None)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                if not _reentrant_refusal(exc):
+                    raise _backward_failed(exc) from exc
+                self._backward_mode = "backward"
+                raise _Retry() from exc
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in zip(every, old):
+                p.grad = g
+        for block in blocks:            # parameters the graph did not reach: zero gradient
+            if block.name not in out:
+                out.update(compress_grads(pending.get(block.name, {}), [block], self.compressors, self._params))
+        return out
+
+    def _backward(self, target: torch.Tensor, names: list[str], retain: bool = False,
+                  main: bool = True) -> dict[str, torch.Tensor]:
         params = [self._params[n] for n in names]
         if self._backward_mode == "grad":
             try:
