@@ -338,3 +338,38 @@ def test_examples_interacting_in_the_batch_are_refused_with_the_cause(track):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             attr.compute_features([(x[:, 0], y)])
+
+
+# ------------------------------------------------------------------ the check itself
+def test_rows_given_to_the_wrong_example_are_caught(monkeypatch):
+    """Sabotage the fused path so that every row goes to the wrong example (batch order reversed):
+    the batch sum is unchanged, the per-example check sees it, and the layer goes to torch.func."""
+    import dropinf.capture.engine as engine
+    real = engine.batch_first
+    monkeypatch.setattr(engine, "batch_first", lambda *a: tuple(t.flip(0) for t in real(*a)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = feats(5, 1, 4)
+    _, msgs = assert_rows(model, (x[:, 0], y), None, compressor=Dropout(r=9, seed=0))
+    assert sum("mixed the examples" in m for m in msgs) == 2, msgs
+
+
+def test_layout_learned_on_one_batch_serves_later_ambiguous_ones():
+    """Sequence-first encoder over batches of varying T: T != B first (unambiguous), then T == B and a
+    smaller last batch; every row of every batch is that example's own gradient."""
+    torch.manual_seed(0)
+    model = SeqFirstEncoder().double().eval()
+    batches = [tokens(4, 6, seed=1), tokens(4, 4, seed=2), tokens(3, 3, seed=3), tokens(1, 5, seed=4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attr = Attributor(model, ce, compressor=Identity(), estimator=GradDot(), progress=False)
+        data = attr.compute_features(batches).data
+    assert not any("enc.linear" in str(w.message) for w in caught)
+    start = 0
+    for batch in batches:
+        B = batch[0].shape[0]
+        for layer in attr.layers:
+            want = loop_grads(model, ce, batch, layer.param_names)
+            torch.testing.assert_close(data[layer.name][start:start + B].double(), want, rtol=1e-4,
+                                       atol=1e-6 * float(want.abs().max()))
+        start += B

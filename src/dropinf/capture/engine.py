@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, LossShapeError, NonFiniteGradientError
 from .check import LOW, Failure, cause, check_blocks, compress_grads, func_refusal, rows_to_check
-from .functional import LossFn, PerExampleGrads, densify, flatten_block
+from .functional import LossFn, PerExampleGrads, densify, flatten_block, slice_batch
 from .layers import LayerSpec
 from .layout import ALL, NoBatchDim, batch_first, resolve
 from .modules import Use, prepare, prepare_delta
@@ -73,8 +73,9 @@ class _Round:
     active: bool = True
     acc: dict = field(default_factory=dict)        # block -> (B, r)
     fired: set = field(default_factory=set)        # modules whose hook compressed a call
-    layouts: dict = field(default_factory=dict)    # module -> layout read this round (not yet verified)
-    shapes: dict = field(default_factory=dict)     # module -> (kind, input shape) of the last call
+    calls: dict = field(default_factory=dict)      # module -> calls so far this forward
+    layouts: dict = field(default_factory=dict)    # (module, call) -> layout read this round, not yet verified
+    shapes: dict = field(default_factory=dict)     # (module, call) -> (kind, input shape)
     reroute: dict = field(default_factory=dict)    # block -> why it cannot be fused
     low: set = field(default_factory=set)          # reduced-precision dtypes the hooked calls ran in
 
@@ -95,10 +96,11 @@ class BatchCapture:
         self.check = check
         self._checked = False
         self._backward_mode = "grad"        # "backward" once re-entrant checkpointing refused .grad()
-        self.layouts: dict[str, Any] = {}   # module -> verified layout
-        self._tried: dict[str, set] = {}    # module -> layouts that failed the per-example check
+        self.layouts: dict[tuple, Any] = {}  # (module, call index in the forward) -> verified layout
+        self._tried: dict[tuple, set] = {}   # (module, call) -> layouts that failed the per-example check
         self.routed: dict[str, str] = {}    # block -> why it went from the fused hooks to torch.func
         self._arg_names = {}
+        self._reference = "slice"           # how the check gets examples' own gradients (_references)
         self._set_routes([l for l in layers if l.kind == "fused"])
 
     def _set_routes(self, fused: list[LayerSpec]) -> None:
@@ -157,6 +159,8 @@ class BatchCapture:
                 rnd.low.add(str(output.dtype if output.dtype in LOW else src.dtype).replace("torch.", ""))
             version = src._version
             saved = [src.detach()]
+            key = (use.module, rnd.calls.get(use.module, 0))
+            rnd.calls[use.module] = key[1] + 1
             if output._is_view():
                 # a view (HF Conv1D returns x.view(...)) that is then modified in place gets a new
                 # grad_fn and a hook on it never fires; the same storage and shape as a non-view
@@ -172,7 +176,7 @@ class BatchCapture:
                                                        f"after the call, so the saved input is not what it saw")
                     return None
                 try:
-                    self._compress(block, use, comp, x, g.detach(), rnd)
+                    self._compress(block, use, key, comp, x, g.detach(), rnd)
                 except NoBatchDim as exc:
                     rnd.reroute.setdefault(block.name, f"module {use.module!r}: {exc.reason}")
                 except torch.OutOfMemoryError:
@@ -186,13 +190,14 @@ class BatchCapture:
             return output
         return hook
 
-    def _compress(self, block: LayerSpec, use, comp, x: torch.Tensor, g: torch.Tensor, rnd: _Round) -> None:
+    def _compress(self, block: LayerSpec, use, key: tuple, comp, x: torch.Tensor, g: torch.Tensor,
+                  rnd: _Round) -> None:
         B = rnd.B
-        known = self.layouts.get(use.module)
-        layout = resolve(use.kind, tuple(x.shape), B, known, self._tried.get(use.module, ()))
-        rnd.shapes[use.module] = (use.kind, tuple(x.shape))
+        known = self.layouts.get(key)
+        layout = resolve(use.kind, tuple(x.shape), B, known, self._tried.get(key, ()))
+        rnd.shapes[key] = (use.kind, tuple(x.shape))
         if layout != known and layout != ALL:
-            rnd.layouts[use.module] = layout
+            rnd.layouts[key] = layout
         x, g = batch_first(layout, x, g, use.kind)
         a = prepare(use, x, B)
         d3 = prepare_delta(use, g, B)
@@ -228,11 +233,10 @@ class BatchCapture:
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
             if check and losses.requires_grad:
-                # the examples' own gradients first, with the hooks idle and the graph kept; the main
-                # backward comes last, so that it frees the activations as it goes, as training does
+                # the examples' own gradients first, with the hooks idle; the main backward comes last,
+                # so that it frees the activations as it goes, as training does
                 rnd.active = False
-                for b in rows_to_check(rnd.B):
-                    want_rows[b] = self._example_grads(losses[b], blocks)
+                want_rows = self._references(batch, losses, blocks, bool(rnd.low))
                 rnd.active = True
             names = self.all_names if check else self.fused_names
             if names and losses.requires_grad:
@@ -243,7 +247,35 @@ class BatchCapture:
             rnd.active = False       # nothing after the main backward may add calls
         return rnd, losses, want_sum, want_rows
 
-    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec]) -> dict[str, torch.Tensor]:
+    def _references(self, batch, losses: torch.Tensor, blocks: list[LayerSpec], low: bool) -> dict:
+        """{b: {block: (r,)}}: the checked examples' own gradients, compressed. Each example alone (the
+        batch sliced along dim 0, a forward+backward of one example: little memory) when that
+        reproduces the example's loss in the batch; otherwise, and from then on, from the batch's own
+        graph (one backward of losses[b] each, the graph kept meanwhile), which needs no slicing."""
+        rows = rows_to_check(losses.shape[0])
+        if self._reference == "slice":
+            tol = 3e-2 if low else 1e-4
+            ref = losses.detach()
+            floor = 1e-3 * float(ref.abs().mean())
+            out = {}
+            for b in rows:
+                try:
+                    with torch.enable_grad():
+                        one = self.loss_fn(self.model, slice_batch(batch, b))
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception:
+                    one = None
+                if not (isinstance(one, torch.Tensor) and one.shape == (1,) and one.requires_grad
+                        and abs(float(one[0]) - float(ref[b])) <= tol * max(abs(float(ref[b])), floor) + 1e-12):
+                    self._reference = "graph"       # the batch does not slice into its examples
+                    break
+                out[b] = self._example_grads(one[0], blocks, retain=False)
+            else:
+                return out
+        return {b: self._example_grads(losses[b], blocks, retain=True) for b in rows}
+
+    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool) -> dict[str, torch.Tensor]:
         """{block: (r,)}: the gradient of ``target`` (one example's loss), each block compressed as soon
         as autograd has accumulated its parameters' gradients and then released, so that the check
         never holds a full gradient of the model beside the kept graph. ``.grad`` fields are restored."""
@@ -275,7 +307,7 @@ class BatchCapture:
             handles = [p.register_post_accumulate_grad_hook(make(p)) for p in tracked]
             try:
                 # inputs= spares untracked parameters, but re-entrant checkpointing refuses it
-                target.backward(retain_graph=True, inputs=tracked if self._backward_mode == "grad" else None)
+                target.backward(retain_graph=retain, inputs=tracked if self._backward_mode == "grad" else None)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
@@ -409,28 +441,30 @@ class BatchCapture:
             mtype = self._module_type(f.block)
             if block is None:
                 raise CaptureCheckError(func_refusal(f, mtype, low))
-            pending = [u for u in block.uses if u.module in rnd.layouts]
+            mods = {u.module for u in block.uses}
+            pending = [k for k in rnd.layouts if k[0] in mods]
             if f.kind == "rows" and pending:
-                for u in pending:
-                    self._tried.setdefault(u.module, set()).add(rnd.layouts[u.module])
-                if all(self._has_next(u.module, rnd) for u in pending):
+                for k in pending:
+                    self._tried.setdefault(k, set()).add(rnd.layouts[k])
+                if all(self._has_next(k, rnd) for k in pending):
                     continue                     # read those inputs with the next layout, then check again
-            note = "".join(self._layout_note(u.module, rnd) for u in pending[:1] if u.module in rnd.shapes)
+            note = "".join(self._layout_note(k, rnd) for k in pending[:1])
             self._route(f.block, cause(f, mtype, any(u.module in rnd.fired for u in block.uses), note, low))
 
     @staticmethod
-    def _layout_note(module: str, rnd: _Round) -> str:
-        shape, layout = list(rnd.shapes[module][1]), rnd.layouts[module]
+    def _layout_note(key: tuple, rnd: _Round) -> str:
+        module = key[0]
+        shape, layout = list(rnd.shapes[key][1]), rnd.layouts[key]
         where = f"dim {layout}" if isinstance(layout, int) else "a flattened dim 0"
         if shape and shape[0] == 1:
             return (f" — module {module!r}'s input (shape {shape}) is shared by the whole batch, and its {where} "
                     f"only happens to have the batch size")
         return f" — module {module!r}'s input (shape {shape}) read with the batch in {where}, and no other reading fits"
 
-    def _has_next(self, module: str, rnd: _Round) -> bool:
-        kind, shape = rnd.shapes[module]
+    def _has_next(self, key: tuple, rnd: _Round) -> bool:
+        kind, shape = rnd.shapes[key]
         try:
-            resolve(kind, shape, rnd.B, None, self._tried.get(module, ()))
+            resolve(kind, shape, rnd.B, None, self._tried.get(key, ()))
             return True
         except NoBatchDim:
             return False
