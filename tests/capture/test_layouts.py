@@ -373,3 +373,34 @@ def test_layout_learned_on_one_batch_serves_later_ambiguous_ones():
             torch.testing.assert_close(data[layer.name][start:start + B].double(), want, rtol=1e-4,
                                        atol=1e-6 * float(want.abs().max()))
         start += B
+
+
+@pytest.mark.parametrize("track", TRACKS)
+def test_bfloat16_weights(track):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.bfloat16)
+
+    def loss(m, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(m(x).float(), y, reduction="none")
+
+    x, y = feats(6, 1, 8)
+    _, msgs = assert_rows(model, (x[:, 0].to(torch.bfloat16), y), track, loss, rtol=3e-2)
+    assert not any("torch.func" in m and "captured through" in m for m in msgs), msgs
+
+
+def test_reduced_precision_is_named_when_a_layer_fails_under_autocast():
+    """A real failure (weight decay written into the loss) under bf16 autocast: the layer goes to
+    torch.func and the warning names both the cause and the reduced precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).float()
+
+    def loss(m, batch):
+        x, y = batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        return nn.functional.cross_entropy(out.float(), y, reduction="none") + 0.5 * (m[2].weight ** 2).sum()
+
+    x, y = feats(6, 1, 8)
+    _, msgs = assert_rows(model, (x[:, 0].float(), y), None, loss, rtol=3e-2)
+    assert any("layer '2'" in m and "weight decay" in m and "bfloat16" in m for m in msgs), msgs

@@ -223,57 +223,59 @@ class BatchCapture:
 
     # ------------------------------------------------------------------ one round
     def _run(self, batch, check: bool):
-        """Forward + backward with the compressing hooks. With ``check``, the graph is kept for one more
-        backward per checked example. Returns (round, losses, compressed batch gradient,
-        {b: compressed gradient of example b}) — the last two only with ``check``."""
+        """Forward + backward with the compressing hooks. With ``check``, also the checked examples' own
+        gradients (_references) and the batch gradient of every tracked block. Returns (round, losses,
+        compressed batch gradient, {b: compressed gradient of example b}) — the last two only with
+        ``check``."""
         want_sum: dict[str, torch.Tensor] = {}
         want_rows: dict[int, dict[str, torch.Tensor]] = {}
         blocks = self.fused + self.func
         with self._hooked() as rnd, torch.enable_grad():
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
-            if check and losses.requires_grad:
-                # the examples' own gradients first, with the hooks idle; the main backward comes last,
-                # so that it frees the activations as it goes, as training does
+            check = check and losses.requires_grad
+            if check and self._reference == "graph":
+                # from the batch's own graph, before the main backward (which then frees it as it goes)
                 rnd.active = False
-                want_rows = self._references(batch, losses, blocks, bool(rnd.low))
+                want_rows = {b: self._example_grads(losses[b], blocks, retain=True) for b in rows_to_check(rnd.B)}
                 rnd.active = True
             names = self.all_names if check else self.fused_names
             if names and losses.requires_grad:
-                grads = self._backward(losses.sum(), names, retain=False, main=True)
+                grads = self._backward(losses.sum(), names)
                 if check:
                     want_sum = compress_grads(grads, blocks, self.compressors, self._params)
                 del grads
             rnd.active = False       # nothing after the main backward may add calls
+            if check and self._reference == "slice":
+                # after the main backward, once the batch's graph is gone: one example at a time
+                want_rows = self._sliced_references(batch, losses.detach(), blocks, bool(rnd.low))
+                if want_rows is None:
+                    self._reference = "graph"    # the batch does not slice into its examples
+                    raise _Retry()
         return rnd, losses, want_sum, want_rows
 
-    def _references(self, batch, losses: torch.Tensor, blocks: list[LayerSpec], low: bool) -> dict:
-        """{b: {block: (r,)}}: the checked examples' own gradients, compressed. Each example alone (the
-        batch sliced along dim 0, a forward+backward of one example: little memory) when that
-        reproduces the example's loss in the batch; otherwise, and from then on, from the batch's own
-        graph (one backward of losses[b] each, the graph kept meanwhile), which needs no slicing."""
-        rows = rows_to_check(losses.shape[0])
-        if self._reference == "slice":
-            tol = 3e-2 if low else 1e-4
-            ref = losses.detach()
-            floor = 1e-3 * float(ref.abs().mean())
-            out = {}
-            for b in rows:
-                try:
-                    with torch.enable_grad():
-                        one = self.loss_fn(self.model, slice_batch(batch, b))
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception:
-                    one = None
-                if not (isinstance(one, torch.Tensor) and one.shape == (1,) and one.requires_grad
-                        and abs(float(one[0]) - float(ref[b])) <= tol * max(abs(float(ref[b])), floor) + 1e-12):
-                    self._reference = "graph"       # the batch does not slice into its examples
-                    break
-                out[b] = self._example_grads(one[0], blocks, retain=False)
-            else:
-                return out
-        return {b: self._example_grads(losses[b], blocks, retain=True) for b in rows}
+    def _sliced_references(self, batch, losses: torch.Tensor, blocks: list[LayerSpec], low: bool) -> dict | None:
+        """{b: {block: (r,)}}: the checked examples' own gradients, compressed, each from a forward and
+        backward of that example alone (the batch sliced along dim 0: little memory) — or None when
+        slicing does not reproduce the example's loss in the batch (a batch tensor that is not
+        batch-first, examples that interact). Then the capture session takes them from the batch's
+        own graph instead (one backward of losses[b] each, the graph kept meanwhile; no slicing)."""
+        tol = 3e-2 if low else 1e-4
+        floor = 1e-3 * float(losses.abs().mean())
+        out = {}
+        for b in rows_to_check(losses.shape[0]):
+            try:
+                with torch.enable_grad():
+                    one = self.loss_fn(self.model, slice_batch(batch, b))
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:
+                return None
+            if not (isinstance(one, torch.Tensor) and one.shape == (1,) and one.requires_grad
+                    and abs(float(one[0]) - float(losses[b])) <= tol * max(abs(float(losses[b])), floor) + 1e-12):
+                return None
+            out[b] = self._example_grads(one[0], blocks, retain=False)
+        return out
 
     def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool) -> dict[str, torch.Tensor]:
         """{block: (r,)}: the gradient of ``target`` (one example's loss), each block compressed as soon
@@ -325,12 +327,12 @@ class BatchCapture:
                 out.update(compress_grads(pending.get(block.name, {}), [block], self.compressors, self._params))
         return out
 
-    def _backward(self, target: torch.Tensor, names: list[str], retain: bool = False,
-                  main: bool = True) -> dict[str, torch.Tensor]:
+    def _backward(self, target: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        """The batch backward that runs the hooks: {param name: batch gradient} of ``names``."""
         params = [self._params[n] for n in names]
         if self._backward_mode == "grad":
             try:
-                gs = torch.autograd.grad(target, params, allow_unused=True, retain_graph=retain)
+                gs = torch.autograd.grad(target, params, allow_unused=True)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
@@ -341,7 +343,7 @@ class BatchCapture:
                               ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=5)
                 raise _Retry() from exc   # the first backward already ran the hooks for nothing
             fused = set(self.fused_names)
-            if main and any(g is None and n in fused for n, g in zip(names, gs)):
+            if any(g is None and n in fused for n, g in zip(names, gs)):
                 # a tracked weight the graph does not reach: unused this batch, or hidden inside a
                 # re-entrant checkpoint segment that autograd.grad prunes (its hooks never run).
                 # .backward() runs every node, so the batch is redone that way from now on.
@@ -355,7 +357,7 @@ class BatchCapture:
             p.grad = None
         try:
             try:
-                target.backward(retain_graph=retain)
+                target.backward()
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
