@@ -404,3 +404,34 @@ def test_reduced_precision_is_named_when_a_layer_fails_under_autocast():
     x, y = feats(6, 1, 8)
     _, msgs = assert_rows(model, (x[:, 0].float(), y), None, loss, rtol=3e-2)
     assert any("layer '2'" in m and "weight decay" in m and "bfloat16" in m for m in msgs), msgs
+
+
+def test_token_scores_on_a_sequence_first_model_with_T_equal_B():
+    """Token-level capture verifies layouts too: a sequence-first tagger with T == B gives per-token
+    scores that add up to the (self-checked) sequence-level scores of the summed measure."""
+    import numpy as np
+    from dropinf import GaussNewton
+
+    class Tagger(SeqFirstEncoder):
+        def forward(self, ids):
+            return self.head(self.enc(self.emb(ids).transpose(0, 1))).transpose(0, 1)   # (B, T, 3)
+
+    def token_loss(m, batch):
+        ids, tags = batch
+        return nn.functional.cross_entropy(m(ids).transpose(1, 2), tags, reduction="none")      # (B, T)
+
+    torch.manual_seed(0)
+    model = Tagger().double().eval()
+    g = torch.Generator().manual_seed(5)
+    train = [(torch.randint(0, 13, (4, 4), generator=g), torch.randint(0, 3, (4, 4), generator=g)) for _ in range(3)]
+    query = [(torch.randint(0, 13, (4, 4), generator=g), torch.randint(0, 3, (4, 4), generator=g))]
+    summed = lambda m, b: token_loss(m, b).sum(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attr = Attributor(model, summed, compressor=Dropout(r=24, seed=0), estimator=GaussNewton(), progress=False,
+                          track=["enc.linear1", "enc.linear2", "head"])
+        attr.featurize(train)
+        tok = attr.token_scores(query, token_loss)
+        seq = attr.score(query)
+    # float32 scores of a small, ill-conditioned fit: agreement to ~1e-3 (wrong rows differ by O(1))
+    np.testing.assert_allclose(tok.sum(1), seq, rtol=1e-2, atol=1e-3 * np.abs(seq).max())

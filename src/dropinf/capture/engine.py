@@ -482,18 +482,41 @@ class BatchCapture:
         """Token-level capture: ``loss_fn`` (here a measurement) returns (B, T) values, one per token;
         one forward, then one backward per column t with the saved inputs kept, so row (b, t) is the
         compressed gradient of value[b, t] alone. Returns ({block: (B, T, r_l)}, values (B, T)).
-        Only fused blocks (the torch.func fallback has no per-token form); layouts are those this
-        session verified (capture the sequence-level features first to verify new ones)."""
+        Only fused blocks (the torch.func fallback has no per-token form). Layouts are verified as for
+        sequence-level capture: on the first batch, and on a batch that reads an input anew, the
+        summed measure is captured and self-checked first."""
         if self.func:
             raise ConfigError(f"token-level scores need fused capture for every tracked layer; "
                               f"{[l.name for l in self.func][:4]} go through torch.func. Leave them out of track=.")
+        if self.check != "never" and not self._checked:
+            self._verify_tokens(batch)
+        feats, values, fresh = self._tokens(batch)
+        if fresh and self.check != "never":
+            self._verify_tokens(batch)
+            feats, values, _ = self._tokens(batch)
+        return feats, values
+
+    def _verify_tokens(self, batch) -> None:
+        """Self-check this batch with the measure summed over tokens (the same hooks and layouts)."""
+        measure = self.loss_fn
+
+        def summed(model, b):
+            return _token_values(measure(model, b)).sum(1)
+
+        self.loss_fn = summed
+        try:
+            self(batch, check=True)
+        finally:
+            self.loss_fn = measure
+        if self.func:
+            block = self.func[0].name
+            raise ConfigError(f"token-level scores need the fused hook of layer {block!r}, which cannot capture this "
+                              f"model: {self.routed.get(block, 'it has no fused hook')}. Leave it out of track=.")
+
+    def _tokens(self, batch):
         cols = []
         with self._hooked(keep=True) as rnd, torch.enable_grad():
-            values = self.loss_fn(self.model, batch)
-            if not isinstance(values, torch.Tensor) or values.dim() != 2:
-                shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-                raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
-                                     f"token), got {shape}. See dropinf.measures.token_nll.")
+            values = _token_values(self.loss_fn(self.model, batch))
             rnd.B = values.shape[0]
             for t in range(values.shape[1]):
                 rnd.acc.clear()
@@ -510,7 +533,15 @@ class BatchCapture:
                                                   device=values.device)).detach().float()
                              for l in self.fused})
         feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
-        return feats, values.detach()
+        return feats, values.detach(), bool(rnd.layouts)
+
+
+def _token_values(values) -> torch.Tensor:
+    if not isinstance(values, torch.Tensor) or values.dim() != 2:
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise LossShapeError(f"a token-level measure must return (B, T) values (one per example and "
+                             f"token), got {shape}. See dropinf.measures.token_nll.")
+    return values
 
 
 def _backward_failed(exc: RuntimeError) -> CaptureError:
