@@ -46,11 +46,14 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 class CaptureOptions:
     """fused:    use the fused hooks where one exists (False: torch.func for every block).
     eval_mode: run the model in eval() while capturing (dropout/batch-norm frozen), then restore.
-    device:   move batches to this device (default: the model's)."""
+    device:   move batches to this device (default: the model's).
+    check:    the capture self-check (capture.check): "first" batch of each capture (and any batch
+              whose layout is read anew), "always" (every batch), or "never"."""
 
     fused: bool = True
     eval_mode: bool = True
     device: str | None = None
+    check: str = "first"
 
 
 def _to(batch, device):
@@ -186,7 +189,8 @@ class Attributor:
         drops examples gives rows keyed by their dataset index, never misaligned ones. Loaders that
         are not DataLoaders over map-style datasets number their examples 0, 1, ... in order."""
         from .store.ids import check_unique, indexed_loader
-        capture = BatchCapture(self.model, measure or self.loss_fn, self.layers, self.compressors)
+        capture = BatchCapture(self.model, measure or self.loss_fn, self.layers, self.compressors,
+                               check=self.options.check)
         total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
         indexed = indexed_loader(loader)
         # preallocate when the size is known, so the features are never held twice (list + cat)
@@ -478,7 +482,7 @@ class Attributor:
         with zero scores. Only layers with fused hooks (Linear, Conv1D, Conv2d, Embedding, LoRA)."""
         if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before token_scores(query, measure)")
-        capture = BatchCapture(self.model, measure, self.layers, self.compressors)
+        capture = BatchCapture(self.model, measure, self.layers, self.compressors, check=self.options.check)
         parts, n_q, T = [], 0, 0
         total = getattr(getattr(query, "dataset", None), "__len__", lambda: None)()
         with self._mode(), tqdm(total=total, desc="token features", unit="ex", disable=not self.progress) as bar:

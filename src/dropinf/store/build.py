@@ -57,7 +57,7 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     # same store (a re-run, a second shell) share them: each chunk has one writer at a time (a
     # lock file claimed atomically), and a process waits for chunks another live one is writing
     pending = [k for k in range(rank, store.n_chunks, world) if not store.chunk_done(k, verify=True)]
-    capture = BatchCapture(attr.model, attr.loss_fn, attr.layers, attr.compressors)
+    capture = BatchCapture(attr.model, attr.loss_fn, attr.layers, attr.compressors, check=attr.options.check)
     total = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     desc = "featurize → store" + (f" [rank {rank}/{world}]" if world > 1 else "")
     with attr._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not attr.progress) as bar:
