@@ -435,3 +435,76 @@ def test_token_scores_on_a_sequence_first_model_with_T_equal_B():
         seq = attr.score(query)
     # float32 scores of a small, ill-conditioned fit: agreement to ~1e-3 (wrong rows differ by O(1))
     np.testing.assert_allclose(tok.sum(1), seq, rtol=1e-2, atol=1e-3 * np.abs(seq).max())
+
+
+# ------------------------------------------------------------------ more module kinds
+class ConvPerExample(nn.Module):
+    """Conv2d called on each unbatched (C, H, W) image in a loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.cat([self.h(torch.tanh(self.c(x[i])).mean((1, 2)))[None] for i in range(x.shape[0])])
+
+
+class ReflectConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.c(x)).mean((2, 3)))
+
+
+class SharedAndBatched(nn.Module):
+    """One Linear called on the batch and on a (1, D) parameter in the same forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.p = nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.l(x) + self.l(self.p)))
+
+
+@pytest.mark.parametrize("track", TRACKS)
+@pytest.mark.parametrize("case", ["conv-per-example", "reflect-conv", "freq-embedding", "shared-and-batched"])
+def test_more_module_kinds(case, track):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))
+    x, y = feats(3, 1, 4)
+    model, batch = {"conv-per-example": (ConvPerExample, images), "reflect-conv": (ReflectConv, images),
+                    "freq-embedding": (lambda: Emb(scale_grad_by_freq=True), tokens(4, 5)),
+                    "shared-and-batched": (SharedAndBatched, (x[:, 0], y))}[case]
+    assert_rows(model().double(), batch, track)
+
+
+def test_dict_batch_with_a_mask_shared_by_the_batch():
+    """A (T, T) mask in the batch dict is not batch-first: slicing the batch cannot give an example,
+    so the check takes the examples' gradients from the batch's graph; rows stay exact."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x, mask):
+            return self.h((torch.softmax(x @ x.transpose(1, 2) + mask, -1) @ self.l(x)).mean(1))
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b["x"], b["mask"]), b["y"], reduction="none")
+
+    torch.manual_seed(0)
+    model = Masked().double().eval()
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(3, 3, 4, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=g)
+    for track in TRACKS:
+        data, attr = rows_of(model, {"x": x, "mask": mask, "y": y}, track, loss)
+        for layer in attr.layers:
+            want = torch.cat([loop_grads(model, loss, {"x": x[i:i + 1], "mask": mask[None], "y": y[i:i + 1]},
+                                         layer.param_names) for i in range(3)])
+            torch.testing.assert_close(data[layer.name].double(), want, rtol=1e-5, atol=1e-7)

@@ -272,7 +272,7 @@ class BatchCapture:
             except Exception:
                 return None
             if not (isinstance(one, torch.Tensor) and one.shape == (1,) and one.requires_grad
-                    and abs(float(one[0]) - float(losses[b])) <= tol * max(abs(float(losses[b])), floor) + 1e-12):
+                    and abs(float(one.detach()[0]) - float(losses[b])) <= tol * max(abs(float(losses[b])), floor) + 1e-12):
                 return None
             out[b] = self._example_grads(one[0], blocks, retain=False)
         return out
@@ -417,7 +417,7 @@ class BatchCapture:
                 continue
             feats = self._assemble(rnd, losses, batch)
             if due and want_rows:
-                failures = check_blocks(self.fused + self.func, feats, want_sum, want_rows,
+                failures = check_blocks(self.fused, self.func, feats, want_sum, want_rows,
                                         bool(rnd.low) or self._low_weights())
                 if failures:
                     self._handle(failures, rnd)
