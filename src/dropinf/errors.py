@@ -49,5 +49,5 @@ class CaptureError(DropinfError, RuntimeError):
 
 
 class CaptureCheckError(CaptureError):
-    """The captured per-example gradients of a layer do not add up to the plain batch gradient
-    (the self-check); the message names the layer and the likely cause."""
+    """The self-check (capture.check) found a layer whose captured rows are not its examples' own
+    gradients, and no correct path is left for it; the message names the layer and the cause."""
