@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture.engine import BatchCapture, nonfinite, raise_nonfinite
+from .capture.tokens import TokenCapture
 from .capture.layers import LayerSpec, TrackSpec, select_layers
 from .compress import Dropout
 from .errors import ConfigError, DropinfError, EmptyDataError, FeatureMismatchError, LossShapeError
@@ -482,7 +483,7 @@ class Attributor:
         with zero scores. Only layers with fused hooks (Linear, Conv1D, Conv2d, Embedding, LoRA)."""
         if self.preconditioner is None:
             raise ConfigError("call featurize(train_loader) before token_scores(query, measure)")
-        capture = BatchCapture(self.model, measure, self.layers, self.compressors, check=self.options.check)
+        capture = TokenCapture(self.model, measure, self.layers, self.compressors, check=self.options.check)
         parts, n_q, T = [], 0, 0
         total = getattr(getattr(query, "dataset", None), "__len__", lambda: None)()
         with self._mode(), tqdm(total=total, desc="token features", unit="ex", disable=not self.progress) as bar:

@@ -344,9 +344,9 @@ def test_examples_interacting_in_the_batch_are_refused_with_the_cause(track):
 def test_rows_given_to_the_wrong_example_are_caught(monkeypatch):
     """Sabotage the fused path so that every row goes to the wrong example (batch order reversed):
     the batch sum is unchanged, the per-example check sees it, and the layer goes to torch.func."""
-    import dropinf.capture.engine as engine
-    real = engine.batch_first
-    monkeypatch.setattr(engine, "batch_first", lambda *a: tuple(t.flip(0) for t in real(*a)))
+    import dropinf.capture.hooks as hooks
+    real = hooks.batch_first
+    monkeypatch.setattr(hooks, "batch_first", lambda *a: tuple(t.flip(0) for t in real(*a)))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x, y = feats(5, 1, 4)

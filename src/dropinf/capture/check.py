@@ -9,7 +9,12 @@ comparisons per tracked block, both against plain autograd on the same forward:
   per example from the retained graph. This is what sees rows given to the wrong example (a
   sequence-first input read batch-first, a table shared by the batch) — a sum cannot.
 * **sum**: Σ_b of every captured row against the compression of the plain batch gradient, which
-  covers the examples the row check did not pick.
+  covers the examples the row check did not pick (fused blocks).
+
+The examples' own gradients come from a forward and backward of each example alone when slicing
+the batch along dim 0 reproduces that example's loss in the batch (little memory, after the
+batch's own backward), and otherwise from one backward of loss_b through the batch's graph (which
+needs no slicing: sequence-first batches, tensors shared by the batch).
 
 A block passes when ‖got − want‖ ≤ tol · ‖want‖ for each compared vector (tol 2e-3; 3e-2 when the
 forward ran in bfloat16/float16, e.g. under autocast). What happens to a block that fails is the
@@ -20,10 +25,12 @@ torch.func path; a torch.func block is refused with a CaptureCheckError naming t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import nn
 
-from .functional import flatten_block
+from .functional import densify, flatten_block, slice_batch
 from .layers import LayerSpec
 
 TOL = 2e-3
@@ -58,6 +65,79 @@ def compress_grads(grads: dict[str, torch.Tensor], blocks: list[LayerSpec], comp
     return out
 
 
+# ------------------------------------------------------------------ the references
+def sliced_references(model: nn.Module, loss_fn, batch, losses: torch.Tensor, low: bool,
+                      grads_of: Callable[[torch.Tensor], dict]) -> dict | None:
+    """{b: {block: (r,)}}: the checked examples' own gradients, compressed, each from a forward and
+    backward of that example alone (the batch sliced along dim 0: little memory) — or None when
+    slicing does not reproduce the example's loss in the batch (a batch tensor that is not
+    batch-first, examples that interact). Then the capture session takes them from the batch's
+    own graph instead (one backward of losses[b] each, the graph kept meanwhile; no slicing).
+    ``grads_of(loss)``: the compressed gradient of one loss (example_grads, as the engine runs it)."""
+    tol = 3e-2 if low else 1e-4
+    floor = 1e-3 * float(losses.abs().mean())
+    out = {}
+    for b in rows_to_check(losses.shape[0]):
+        try:
+            with torch.enable_grad():
+                one = loss_fn(model, slice_batch(batch, b))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            return None
+        if not (isinstance(one, torch.Tensor) and one.shape == (1,) and one.requires_grad
+                and abs(float(one.detach()[0]) - float(losses[b])) <= tol * max(abs(float(losses[b])), floor) + 1e-12):
+            return None
+        out[b] = grads_of(one[0])
+    return out
+
+
+def example_grads(model: nn.Module, params: dict, target: torch.Tensor, blocks: list[LayerSpec], compressors: dict,
+              retain: bool, restrict: bool) -> dict[str, torch.Tensor]:
+    """{block: (r,)}: the gradient of ``target`` (one example's loss), each block compressed as soon
+    as autograd has accumulated its parameters' gradients and then released, so that the check
+    never holds a full gradient of the model beside the kept graph. ``.grad`` fields are restored.
+    restrict: pass the tracked parameters as ``inputs=`` (re-entrant checkpointing refuses it). A
+    failing backward raises as torch raised it (the engine explains it)."""
+    owner = {}
+    for block in blocks:
+        for n in block.param_names:
+            owner.setdefault(id(params[n]), []).append((block, n))
+    tracked = list({id(params[n]): params[n] for b in blocks for n in b.param_names}.values())
+    pending: dict[str, dict] = {}
+    out: dict[str, torch.Tensor] = {}
+
+    def make(p):
+        def hook(param):
+            g = densify(param.grad)
+            param.grad = None
+            for block, n in owner[id(p)]:
+                got = pending.setdefault(block.name, {})
+                got[n] = g
+                if len(got) == len(block.param_names):
+                    out.update(compress_grads(pending.pop(block.name), [block], compressors, params))
+        return hook
+
+    every = [p for p in model.parameters() if p.requires_grad]
+    old = [p.grad for p in every]
+    handles = []
+    try:
+        for p in every:
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(make(p)) for p in tracked]
+        target.backward(retain_graph=retain, inputs=tracked if restrict else None)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in zip(every, old):
+            p.grad = g
+    for block in blocks:            # parameters the graph did not reach: zero gradient
+        if block.name not in out:
+            out.update(compress_grads(pending.get(block.name, {}), [block], compressors, params))
+    return out
+
+
+# ------------------------------------------------------------------ the comparison
 def _rel(got: torch.Tensor, want: torch.Tensor, floor: float) -> float:
     diff = float((got - want).norm())
     scale = max(float(want.norm()), float(got.norm()), floor)
