@@ -376,16 +376,17 @@ def test_layout_learned_on_one_batch_serves_later_ambiguous_ones():
 
 
 @pytest.mark.parametrize("track", TRACKS)
-def test_bfloat16_weights(track):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(dtype, track):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
 
     def loss(m, batch):
         x, y = batch
         return nn.functional.cross_entropy(m(x).float(), y, reduction="none")
 
     x, y = feats(6, 1, 8)
-    _, msgs = assert_rows(model, (x[:, 0].to(torch.bfloat16), y), track, loss, rtol=3e-2)
+    _, msgs = assert_rows(model, (x[:, 0].to(dtype), y), track, loss, rtol=3e-2)
     assert not any("torch.func" in m and "captured through" in m for m in msgs), msgs
 
 
