@@ -115,11 +115,10 @@ class BatchCapture:
                 rnd.active = False
                 want_rows = {b: self._example_grads(losses[b], blocks, retain=True) for b in rows_to_check(rnd.B)}
                 rnd.active = True
-            names = self.all_names if check else self.fused_names
-            if names and losses.requires_grad:
-                grads = self._backward(losses.sum(), names)
-                if check:
-                    want_sum = compress_grads(grads, blocks, self.compressors, self._params)
+            if self.fused_names and losses.requires_grad:
+                grads = self._backward(losses.sum(), self.fused_names)
+                if check:     # the batch sum is checked for fused blocks only (capture.check)
+                    want_sum = compress_grads(grads, self.fused, self.compressors, self._params)
                 del grads
             rnd.active = False       # nothing after the main backward may add calls
             if check and self._reference == "slice":
