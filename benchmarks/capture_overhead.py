@@ -84,7 +84,7 @@ def build(name: str):
 
 def child(name: str, variant: str, device: str) -> dict:
     import torch
-    from dropinf import Attributor, CaptureOptions, Dropout
+    from dropinf import CaptureOptions, Dropout, Featurizer
 
     torch.manual_seed(0)
     model, loss_fn, loader, track = build(name)
@@ -108,14 +108,13 @@ def child(name: str, variant: str, device: str) -> dict:
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     else:
-        attr = Attributor(model, loss_fn, compressor=Dropout(r=SETTINGS[name]["r"], seed=0), track=track,
+        attr = Featurizer(model, loss_fn, compressor=Dropout(r=SETTINGS[name]["r"], seed=0), track=track,
                           progress=False, options=CaptureOptions(device=device))
         out["func_blocks"] = sorted({type(dict(model.named_modules())[l.name]).__name__
                                      for l in attr.layers if l.kind == "func"})
         out["blocks"] = len(attr.layers)
 
-        from dropinf.capture.engine import BatchCapture
-        capture = BatchCapture(model, loss_fn, attr.layers, attr.compressors)
+        capture = attr.capture()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()

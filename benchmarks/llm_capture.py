@@ -27,7 +27,7 @@ LABELS = {"a": "fused capture (dropinf)", "b": "torch.func per-example grads + g
 
 def child(v: str, batches: int, bs: int, tokens: int, r: int) -> None:
     import torch
-    from dropinf import Attributor, CaptureOptions, Dropout
+    from dropinf import CaptureOptions, Dropout, Featurizer
     from dropinf_experiments.data.text import TokenDataset, lm_loss
     from dropinf_experiments.data.wiki import load_wiki_paragraphs
     from dropinf_experiments.models.hf import load_smollm2
@@ -37,14 +37,14 @@ def child(v: str, batches: int, bs: int, tokens: int, r: int) -> None:
     paras = [p for p in load_wiki_paragraphs() if len(p.split()) > 150][: batches * bs]
     ds = TokenDataset(tok, paras, max_length=tokens)
     base = rss_mb()
-    attr = Attributor(model, lm_loss, compressor=Dropout(r=r, seed=0), progress=False,
+    attr = Featurizer(model, lm_loss, compressor=Dropout(r=r, seed=0), progress=False,
                       options=CaptureOptions(fused=(v == "a")))
     n_layers, d = len(attr.layers), sum(l.dim for l in attr.layers)
     path = "fused"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        feats = attr.compute_features(ds.loader(bs))
+        feats = attr.features(ds.loader(bs))
         secs = time.perf_counter() - t0
     if v == "b":
         path = "loop (vmap failed)" if any("vmap failed" in str(w.message) for w in caught) else "vmap"

@@ -28,7 +28,7 @@ R = {"mlp": 1024, "cnn": 256, "lm": 512}
 def child(variant: str, task: str, threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
-    from dropinf import Attributor, Dropout
+    from dropinf import Dropout, Featurizer
     from dropinf_experiments import lds_tasks as T
     from dropinf_experiments.lds import PRESETS, _loaders, _track
     size = PRESETS["fast"].sizes[task]
@@ -40,10 +40,10 @@ def child(variant: str, task: str, threads: int) -> None:
         run = lambda: [lf(model, b).sum().backward() for b in train_dl]   # noqa: E731
         lf(model, next(iter(train_dl))).sum().backward()
     else:
-        attr = Attributor(model, lf, compressor=Dropout(r=R[task], rotate=(variant == "rotated")),
+        feat = Featurizer(model, lf, compressor=Dropout(r=R[task], rotate=(variant == "rotated")),
                           track=_track(task), progress=False)
-        attr.compute_features([next(iter(train_dl))])
-        run = lambda: attr.compute_features(train_dl)   # noqa: E731
+        feat.features([next(iter(train_dl))])
+        run = lambda: feat.features(train_dl)   # noqa: E731
     t0 = time.perf_counter()
     run()
     sec = time.perf_counter() - t0

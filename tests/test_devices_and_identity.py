@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dropinf import Attributor, ConfigError, Dropout, FeatureMismatchError
-from dropinf.attribute import _to
+from dropinf.store.featurizer import to_device as _to
 from dropinf.capture.layers import select_layers
 
 

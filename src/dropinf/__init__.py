@@ -4,6 +4,7 @@ Scores are arrays of shape (n_query, n_train); scores[q, i] = −g̃_qᵀ H̃⁻
 up-weighting train example i raises query q's loss (harmful), negative when it helps.
 """
 
+from ._version import __version__
 from .attribute import Attributor, CaptureOptions
 from .compress import Dropout, Gaussian, Identity, LoGra
 from .errors import (CaptureCheckError, CaptureError, ConfigError, DropinfError, EmptyDataError, FeatureMismatchError,
@@ -12,10 +13,11 @@ from .errors import (CaptureCheckError, CaptureError, ConfigError, DropinfError,
 from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
 from .score import ScoreOptions, TopK
 from .store import Features
+from .store.budget import split_budget
+from .store.featurizer import Featurizer
 
-__version__ = "0.1.0"
 
-__all__ = ["Attributor", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
+__all__ = ["Attributor", "Featurizer", "split_budget", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
            "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "CaptureError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "LossShapeError", "MissingDataError",
            "NonFiniteGradientError", "NoTrackableLayersError", "StoreError"]

@@ -98,14 +98,12 @@ def _logra(r: int):
 
 
 def _features(model, task, compressor, train_dl, query_dl):
-    from dropinf import Attributor
-    from dropinf.estimators import GradDot
-    attr = Attributor(model, T.loss_fn(task), compressor=compressor, estimator=GradDot(), track=_track(task),
-                      progress=False)
+    from dropinf import Featurizer
+    feat = Featurizer(model, T.loss_fn(task), compressor=compressor, track=_track(task), progress=False)
     t0 = time.perf_counter()
-    tr = attr.compute_features(train_dl, desc="featurize train")
-    qu = attr.compute_features(query_dl, desc="featurize queries")
-    return attr, tr, qu, time.perf_counter() - t0
+    tr = feat.features(train_dl, desc="featurize train")
+    qu = feat.features(query_dl, desc="featurize queries")
+    return feat, tr, qu, time.perf_counter() - t0
 
 
 def _score(estimator, tr, qu):
@@ -143,7 +141,7 @@ def _save(path: str, rows: list[dict]) -> None:
 
 def run_task(task: str, s: LDSSettings, out, progress: bool) -> list[dict]:
     from dropinf import Dropout, Gaussian, Identity, LoGra
-    from dropinf.compress import split_budget
+    from dropinf import split_budget
     from dropinf.ensemble import score_ensemble
     from dropinf.estimators import DataInf, GaussNewton, GradDot, LiSSA
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dropinf.attribute import Attributor
+from dropinf.store.featurizer import Featurizer
 from dropinf.compress import Dropout, Gaussian, Identity, LoGra
 from .data.fashion import load_fashion_mnist
 from dropinf.estimators import DataInf, GaussNewton, GradDot
@@ -93,13 +93,12 @@ def run(preset: str = "fast", out: str = "reports/retrain-images", progress: boo
         full = {}
         for name, comp, est in methods(s, run_id):
             t[name] = {}
-            attr = Attributor(model, ce_loss, compressor=comp or Identity(), estimator=est, track=TRACK,
-                              progress=progress)
+            feat = Featurizer(model, ce_loss, compressor=comp or Identity(), track=TRACK, progress=progress)
             key = "full" if comp is None else name
             if key not in full:
                 with timed(t[name], "compression_s"):
-                    full[key] = (attr.compute_features(train_dl, "gradients (train)"),
-                                 attr.compute_features(test_dl, "gradients (test)"))
+                    full[key] = (feat.features(train_dl, "gradients (train)"),
+                                 feat.features(test_dl, "gradients (test)"))
             train_f, test_f = full[key]
             with timed(t[name], "ihvp_s"):
                 scores[name] = torch.from_numpy(influence(est, train_f, test_f.mean())[0])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dropinf.attribute import Attributor
+from dropinf.store.featurizer import Featurizer
 from dropinf.compress import Dropout, Gaussian, LoGra
 from .data.text import TokenDataset, lm_loss
 from .data.wiki import load_wiki_paragraphs
@@ -130,11 +130,10 @@ def run(preset: str = "fast", out: str = "reports/retrain-lm", progress: bool = 
             t = {}
             for name, comp in meths:
                 t[name] = {}
-                attr = Attributor(model, lm_loss, compressor=comp, estimator=GaussNewton(), track=track,
-                                  progress=progress)
+                feat = Featurizer(model, lm_loss, compressor=comp, track=track, progress=progress)
                 with timed(t[name], "compression_s"):
-                    tr_f = attr.compute_features(train_ds.loader(s.batch_size), "featurize train")
-                    te_f = attr.compute_features(test_ds.loader(s.batch_size), "featurize test")
+                    tr_f = feat.features(train_ds.loader(s.batch_size), "featurize train")
+                    te_f = feat.features(test_ds.loader(s.batch_size), "featurize test")
                 with timed(t[name], "ihvp_s"):
                     scores[name] = torch.from_numpy(influence(GaussNewton(), tr_f, te_f.mean())[0])
             times.append({"mode": mode, **t})

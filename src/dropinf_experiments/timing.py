@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dropinf.attribute import Attributor
+from dropinf.store.featurizer import Featurizer
 from dropinf.compress import Dropout, Gaussian, Identity, LoGra
 from dropinf.estimators import DataInf, GaussNewton, GradDot, LiSSA
 from dropinf.score import influence
@@ -49,12 +49,12 @@ def _time_setting(name, model, loss_fn, train_dl, query_dl, track, compressors, 
     for cname, comp in compressors:
         best = None
         for _ in range(repeats):
-            attr = Attributor(model, loss_fn, compressor=comp, track=track, progress=progress)
+            feat = Featurizer(model, loss_fn, compressor=comp, track=track, progress=progress)
             t0 = time.perf_counter()
-            f = attr.compute_features(train_dl, f"{name}: {cname}")
+            f = feat.features(train_dl, f"{name}: {cname}")
             secs = time.perf_counter() - t0
             best = secs if best is None else min(best, secs)
-        q = attr.compute_features(query_dl, f"{name}: {cname} (query)")
+        q = feat.features(query_dl, f"{name}: {cname} (query)")
         width = sum(v.shape[1] for v in f.data.values())
         est_list = [("Orig (GN)", GaussNewton()), ("DataInf", DataInf()), ("LiSSA (10 it.)", LiSSA()),
                     ("Hessian-free", GradDot())] if cname == "Identity" else [("GaussNewton", GaussNewton())]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dropinf import Attributor, Dropout, GaussNewton
-from dropinf.compress.budget import allocate, split_budget
+from dropinf.compress.budget import allocate
+from dropinf.store.budget import split_budget
 from dropinf.ensemble import EnsembleScores, member_features, score_ensemble
 from dropinf.errors import ConfigError
 from dropinf.estimators import choose_damping

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dropinf import Attributor, Dropout, FeatureMismatchError, GradDot
-from dropinf.store import disk
+from dropinf.store import disk, files
 from dropinf.store.disk import FeatureStore, StoreError
 from tests.store import fixture
 
@@ -23,20 +23,20 @@ def task():
 
 def test_full_disk_while_writing_a_shard_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
     t, train, query = task()
-    real_replace, calls = disk.os.replace, []
+    real_replace, calls = files.os.replace, []
 
     def flaky_replace(src, dst):              # the third shard hits a full disk
         calls.append(str(dst))
         if str(dst).endswith("000002.bin"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
-    monkeypatch.setattr(disk.os, "replace", flaky_replace)
+    monkeypatch.setattr(files.os, "replace", flaky_replace)
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12), progress=False)
     with pytest.raises(StoreError, match=r"no space left.*000002\.bin.*bytes needed.*re-run the same command"):
         attr.featurize(train, store=tmp_path / "s", chunk_size=50)
     assert not list((tmp_path / "s").rglob("*.tmp"))              # nothing partial kept
     assert not (tmp_path / "s" / "chunks" / "000002.json").exists()
-    monkeypatch.setattr(disk.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     store = attr.featurize(train, store=tmp_path / "s", chunk_size=50)      # space freed: resume
     assert store.manifest["complete"] and store.n == 230
 
@@ -44,7 +44,7 @@ def test_full_disk_while_writing_a_shard_is_a_clear_error_and_resumable(tmp_path
 def test_full_disk_writing_the_manifest(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(disk.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     t, train, _ = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12), progress=False)
     with pytest.raises(StoreError, match=r"manifest\.json"):

@@ -1,13 +1,12 @@
 """Compressors: Identity (Orig), Dropout, Gaussian, LoGra."""
 
 from .base import Compressor, LayerCompressor
-from .budget import split_budget
 from .dropout import Dropout
 from .gaussian import Gaussian
 from .identity import Identity
 from .logra import LoGra
 
-__all__ = ["split_budget", "Compressor", "LayerCompressor", "Dropout", "Gaussian", "Identity", "LoGra"]
+__all__ = ["Compressor", "LayerCompressor", "Dropout", "Gaussian", "Identity", "LoGra"]
 
 
 def from_signature(sig: dict):

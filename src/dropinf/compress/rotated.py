@@ -39,7 +39,7 @@ import torch
 from ..capture.layers import LayerSpec
 from ..capture.modules import Use, UseSpec
 from .base import LayerCompressorBase, layer_seed
-from .dropout import sample_indices
+from .sampling import sample_indices
 
 _FACTOR_BITS = 6     # Hadamard applied as a Kronecker product of 2^6 × 2^6 (or smaller) matmuls
 

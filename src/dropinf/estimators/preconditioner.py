@@ -129,7 +129,8 @@ class Preconditioner:
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | Path) -> None:
-        """One .npz (written to a temporary name, then renamed), no pickle."""
+        """One .npz, no pickle, written atomically (store.files.write_bytes_atomic: a full disk is a
+        StoreError and leaves nothing partial)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays, meta_blocks = {}, []
@@ -141,20 +142,11 @@ class Preconditioner:
                     arrays[f"b{i}_{what}"] = t.detach().cpu().double().numpy()
         meta = {"format": FORMAT, "estimator": self.estimator, "n": self.n, "blocks": meta_blocks,
                 "dropped": self.dropped, "info": self.info}
-        import os
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-        try:
-            np.savez(tmp, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-            tmp.replace(path)
-        except OSError as exc:
-            from ..store.disk import disk_full
-            err = disk_full(exc, path, sum(a.nbytes for a in arrays.values()))
-            if err is None:
-                raise
-            raise err from exc
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        import io
+        from ..store.files import write_bytes_atomic
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+        write_bytes_atomic(path, buf.getbuffer())
 
     @classmethod
     def load(cls, path: str | Path) -> "Preconditioner":

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from ..errors import ConfigError
+from ..store.featurizer import to_device
 from .content import default_render, show
 from .diagnose import SIGN, diagnose
 from .html import histogram_svg, write_html
@@ -50,7 +52,6 @@ def _settings(attr, measure_name: str, n_query: int) -> list[list]:
     pre = attr.preconditioner
     lams = [v for b in pre.blocks for v in b.damping.values()]
     rs = sorted(set(sig["r"].values()))
-    import dropinf
     from ..estimators.preconditioner import estimator_signature
     return [["model fingerprint", sig["model"]],
             ["tracked layers", f"{len(sig['layers'])}: {', '.join(l['name'] for l in sig['layers'][:8])}"
@@ -64,7 +65,7 @@ def _settings(attr, measure_name: str, n_query: int) -> list[list]:
             ["training examples (columns)", pre.n],
             ["queries", n_query],
             ["query measurement", measure_name],
-            ["written", f"{datetime.datetime.now():%Y-%m-%d %H:%M} by dropinf {dropinf.__version__}"]]
+            ["written", f"{datetime.datetime.now():%Y-%m-%d %H:%M} by dropinf {__version__}"]]
 
 
 def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *, k: int = 10,
@@ -84,7 +85,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
     query_render = query_render or render
     mark = _marks(marks)
 
-    qf = attr.compute_features(query, desc="report: query features", measure=measure)
+    qf = attr.featurizer.features(query, desc="report: query features", measure=measure)
     q_ids = qf.ids.tolist() if qf.ids is not None else list(range(qf.n))
     top = attr.topk(qf, k=k)
     # a sample of the score matrix for the histograms and the diagnostics
@@ -95,11 +96,10 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
     if predict is not None:
         loader = torch.utils.data.DataLoader(query_ds, batch_size=getattr(query, "batch_size", None) or 32,
                                              shuffle=False, collate_fn=getattr(query, "collate_fn", None))
-        from ..attribute import _to
         j = 0
         with torch.no_grad():
             for b in tqdm(loader, desc="report: predictions", disable=not attr.progress):
-                for p in predict(attr.model, _to(b, attr.device)):
+                for p in predict(attr.model, to_device(b, attr.device)):
                     preds[j] = str(p.item() if isinstance(p, torch.Tensor) else p)
                     j += 1
 

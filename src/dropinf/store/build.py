@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import SequentialSampler
 from tqdm.auto import tqdm
 
-from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
+from ..capture.engine import raise_nonfinite
 from ..dist import barrier as _barrier, dist_info
-from ..errors import ConfigError, EmptyDataError, LossShapeError
+from ..errors import ConfigError, EmptyDataError
 from .disk import FeatureStore, LayerCols
 from .ids import chunk_loader
 
@@ -33,7 +33,9 @@ def check_loader(loader) -> None:
                           "batch_size=B, shuffle=False) (no custom sampler / batch_sampler).")
 
 
-def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = "float32") -> FeatureStore:
+def featurize_to_store(featurizer, loader, path, chunk_size: int = 4096, dtype: str = "float32") -> FeatureStore:
+    """Every row of ``loader`` from ``featurizer`` (store.featurizer.Featurizer) into the store at ``path``."""
+    f = featurizer
     check_loader(loader)
     ds = loader.dataset
     n = len(ds)
@@ -42,12 +44,12 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     if chunk_size < 1:
         raise ConfigError("chunk_size must be ≥ 1")
     rank, world = dist_info()
-    layers, off = [], 0
-    for l in attr.layers:
-        c = attr.compressors[l.name]
-        layers.append(LayerCols(l.name, c.r, off, int(getattr(c, "damping_dim", c.r))))
-        off += c.r
-    sig = attr.signature()
+    layers, off, dims = [], 0, f.damping_dims()
+    for l in f.layers:
+        r = f.compressors[l.name].r
+        layers.append(LayerCols(l.name, r, off, dims[l.name]))
+        off += r
+    sig = f.signature()
     if rank == 0:
         store = FeatureStore.create(path, sig, layers, n, chunk_size, dtype)
     _barrier(world)
@@ -57,10 +59,10 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     # same store (a re-run, a second shell) share them: each chunk has one writer at a time (a
     # lock file claimed atomically), and a process waits for chunks another live one is writing
     pending = [k for k in range(rank, store.n_chunks, world) if not store.chunk_done(k, verify=True)]
-    capture = BatchCapture(attr.model, attr.loss_fn, attr.layers, attr.compressors, check=attr.options.check)
+    capture = f.capture()
     total = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     desc = "featurize → store" + (f" [rank {rank}/{world}]" if world > 1 else "")
-    with attr._mode(), tqdm(total=total, desc=desc, unit="ex", disable=not attr.progress) as bar:
+    with f.mode(), tqdm(total=total, desc=desc, unit="ex", disable=not f.progress) as bar:
         while pending:
             progressed = False
             for k in list(pending):
@@ -68,7 +70,7 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
                 if not store.chunk_done(k) and store.claim(k):
                     try:
                         if not store.chunk_done(k, verify=True):
-                            _compute_chunk(attr, capture, store, layers, loader, k)
+                            _compute_chunk(f, capture, store, layers, loader, k)
                     finally:
                         store.release(k)
                 if store.chunk_done(k):
@@ -84,20 +86,16 @@ def featurize_to_store(attr, loader, path, chunk_size: int = 4096, dtype: str = 
     return FeatureStore.open(path)
 
 
-def _compute_chunk(attr, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int) -> None:
+def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int) -> None:
     start, stop = store.rows(k)
     block = torch.empty(stop - start, store.width)
     kept, pos = [], 0
     for ids, batch in chunk_loader(loader, start, stop):
         if batch is None:          # the collate function dropped every example of this batch
             continue
-        feats, loss = capture(attr._batch_to_device(batch))
+        ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
+        raise_nonfinite(bad, lays)
         b = loss.shape[0]
-        if b != ids.numel():
-            raise LossShapeError(f"loss_fn returned {b} losses for a batch of {ids.numel()} examples; it "
-                                 f"must return one per example.")
-        bad, lays = nonfinite(feats, 0)
-        raise_nonfinite(ids[bad].tolist() if bad else [], lays)
         for l in layers:
             block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
         kept.append(ids)

@@ -23,90 +23,21 @@ then read at page-cache speed on every later pass (fit, score, top-k, self-influ
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import crc32c
 import numpy as np
 import torch
 
 from ..errors import DropinfError, FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
+from .files import _atomic_write, _checksum_ok, _crc, disk_full, write_bytes_atomic  # noqa: F401 (public here too)
+from .locks import claim
 
 FORMAT = "dropinf-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "bfloat16": (np.uint16, torch.bfloat16)}
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name unique to this process and thread, so that concurrent writers never
-    rename each other's files."""
-    import threading
-    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident() % 10**6}.tmp")
-
-
-def disk_full(exc: OSError, path: Path, nbytes: int):
-    """A DropinfError for a write that ran out of space (ENOSPC/EDQUOT), else None."""
-    import errno
-    import shutil
-    if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        return None
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = 0
-    return StoreError(f"no space left on the device writing {path} ({nbytes:,} bytes needed, {free:,} free). "
-                      f"Nothing partial was kept: free some space and re-run the same command to resume.")
-
-
-def write_bytes_atomic(path: Path, data) -> None:
-    """Write ``data`` (bytes-like or str) to a per-process temporary file, fsync, rename over
-    ``path``; the temporary file is removed whatever happens, and a full disk is a StoreError."""
-    tmp = _tmp_name(path)
-    mode = "w" if isinstance(data, str) else "wb"
-    try:
-        with open(tmp, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        err = disk_full(exc, path, len(data))
-        if err is None:
-            raise
-        raise err from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _crc(buf) -> str:
-    return f"{crc32c.crc32c(buf):08x}"
-
-
-def _checksum_ok(entry: dict, path: Path, buf=None) -> bool:
-    """True if the shard matches its recorded checksum (CRC-32C, or sha256 for older stores).
-    ``buf``: the shard's bytes already in memory (avoids a second read)."""
-    if "crc32c" in entry:
-        if buf is None:
-            buf = path.read_bytes()
-        return _crc(buf) == entry["crc32c"]
-    return _sha256(path) == entry.get("sha256")
 
 
 def _dump(obj) -> str:
@@ -342,25 +273,8 @@ class FeatureStore:
         return self.path / "chunks" / f"{k:06d}.lock"
 
     def claim(self, k: int) -> bool:
-        """Atomically claim chunk k for this process (a lock file holding its pid). False when a
-        live process holds it; a lock left by a dead process is taken over."""
-        lp = self.lock_path(k)
-        for _ in range(2):
-            try:
-                fd = os.open(lp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    owner = int(lp.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    owner = 0
-                if owner and owner != os.getpid() and _alive(owner):
-                    return False
-                lp.unlink(missing_ok=True)       # stale: its writer died (or wrote nothing yet)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return True
-        return False
+        """Atomically claim chunk k for this process (store.locks.claim)."""
+        return claim(self.lock_path(k))
 
     def release(self, k: int) -> None:
         self.lock_path(k).unlink(missing_ok=True)
@@ -383,13 +297,3 @@ class FeatureStore:
                 "compressor": m["signature"].get("compressor"), "model": m["signature"].get("model"),
                 "layers": len(self.layers), "columns": self.width,
                 "bytes": sum(self.data_path(k).stat().st_size for k in range(self.n_chunks) if self.data_path(k).exists())}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
