@@ -8,56 +8,31 @@ import sys
 
 SIGN = ("Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 means training example i "
         "is harmful to query q (up-weighting it raises q's loss), < 0 means it helps.")
-ESTIMATORS = ["gauss-newton", "datainf", "lissa", "hessian-free", "exact"]
 
 
 def _compressor(a):
-    from . import Dropout, Gaussian, Identity, LoGra
-    if a.compressor == "dropout":
-        return Dropout(r=a.r, seed=a.seed, scale=a.scale, rotate=a.rotate)
-    if a.compressor == "gaussian":
-        return Gaussian(r=a.r, seed=a.seed)
-    if a.compressor == "logra":
-        return LoGra(r_in=a.r_in, r_out=a.r_out, seed=a.seed)
-    return Identity()
+    from .methods import COMPRESSORS
+    from .options import build
+    return build(COMPRESSORS[a.compressor], a)
 
 
 def _estimator(a):
-    from . import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA
-    damp = dict(damping_factor=a.damping_factor, damping=a.damping)
-    if a.estimator == "gauss-newton":
-        return GaussNewton(**damp)
-    if a.estimator == "datainf":
-        return DataInf(**damp)
-    if a.estimator == "lissa":
-        return LiSSA(iterations=a.iterations, scale=a.lissa_scale, hvp=a.lissa_hvp, **damp)
-    if a.estimator == "exact":
-        return ExactHessian(damping=a.damping or 0.0, max_dim=a.exact_max_dim)
-    return GradDot()
+    from .methods import ESTIMATORS
+    from .options import build
+    return build(ESTIMATORS[a.estimator], a)
 
 
 def _add_estimator(p):
-    g = p.add_argument_group("estimator (what stands for H^-1)")
-    g.add_argument("--estimator", choices=ESTIMATORS, default="gauss-newton",
+    from .methods import ESTIMATORS
+    from .options import add_options
+    g = p.add_argument_group("estimator (what stands for H^-1; every option below comes from the estimator "
+                             "dataclasses)")
+    g.add_argument("--estimator", choices=list(ESTIMATORS), default="gauss-newton",
                    help="gauss-newton: per-layer damped Gauss-Newton (paper eq. 3, the default); datainf: "
                         "Sherman-Morrison average (eq. 9-10); lissa: truncated Neumann series (eq. 7-8); "
                         "hessian-free: plain gradient dot product; exact: the true Hessian by autograd, all layers "
                         "jointly (small models only; re-reads the entry's train data)")
-    g.add_argument("--damping-factor", type=float, default=0.1,
-                   help="lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1; "
-                        "gauss-newton, datainf, lissa; default: %(default)s)")
-    g.add_argument("--damping", type=float, default=None,
-                   help="a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, "
-                        "default 0)")
-    g.add_argument("--iterations", type=int, default=10, help="lissa: recursion steps J (default: %(default)s)")
-    g.add_argument("--lissa-scale", type=float, default=None,
-                   help="lissa: the scale of the recursion (default: 1.1 x the largest eigenvalue, convergent; "
-                        "1 = the paper's literal recursion)")
-    g.add_argument("--lissa-hvp", choices=["gauss-newton", "model"], default="gauss-newton",
-                   help="lissa: Hessian-vector products of the compressed Gauss-Newton matrix, or of the model's "
-                        "true Hessian (default: %(default)s)")
-    g.add_argument("--exact-max-dim", type=int, default=20_000,
-                   help="exact: refuse models whose tracked parameter count exceeds this (default: %(default)s)")
+    add_options(g, ESTIMATORS)
     g.add_argument("--device", default=None, help="where fit and scoring run, e.g. cuda, cuda:1, cpu "
                                                   "(default: the model's device)")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32",
@@ -130,20 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     fz = sub.add_parser("featurize", help="compress every training example's gradient into an on-disk store "
                                           "(resumable; run under torchrun for several processes)")
     _add_entry(fz, "store folder to create or resume")
-    fz.add_argument("--compressor", choices=["dropout", "gaussian", "logra", "identity"], default="dropout",
+    from .methods import COMPRESSORS
+    from .options import add_options
+    cg = fz.add_argument_group("compressor (every option below comes from the compressor dataclasses)")
+    cg.add_argument("--compressor", choices=list(COMPRESSORS), default="dropout",
                     help="dropout: r random coordinates per layer (the paper's method, default); gaussian: dense "
                          "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
                          "compression (the paper's Orig)")
-    fz.add_argument("--size", "--r", dest="r", type=int, default=64,
-                    help="r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
-                         "write --size (torchrun mistakes --r for its own options)")
-    fz.add_argument("--r-in", type=int, default=8, help="LoGra input projection size")
-    fz.add_argument("--r-out", type=int, default=8, help="LoGra output projection size")
-    fz.add_argument("--seed", type=int, default=0, help="seeds the index sets / projections (default: %(default)s)")
-    fz.add_argument("--scale", action="store_true", help="dropout: scale kept entries by sqrt(d/r)")
-    fz.add_argument("--rotate", action="store_true",
-                    help="dropout: rotate each layer's gradient by a seeded randomized Hadamard transform before "
-                         "sampling (inner products unchanged; energy spread evenly over the kept coordinates)")
+    add_options(cg, COMPRESSORS)
     fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
                                                    "(default: every Linear)")
     fz.add_argument("--chunk-size", type=int, default=4096, help="rows per shard (default: %(default)s)")

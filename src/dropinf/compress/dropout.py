@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import option
 from ..capture.layers import LayerSpec
 from ..errors import ConfigError
 from .base import LayerCompressorBase, RSpec, check_seed, layer_seed, resolve_r
@@ -64,11 +65,13 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
-    r: RSpec = 64
-    seed: int = 0
-    scale: bool = False
+    r: RSpec = option(64, "r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
+                          "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
+    seed: int = option(0, "seeds the index sets / projections")
+    scale: bool = option(False, "scale kept entries by sqrt(d/r)")
     sampler: int = SAMPLER
-    rotate: bool = False
+    rotate: bool = option(False, "rotate each layer's gradient by a seeded randomized Hadamard transform before "
+                                 "sampling (inner products unchanged; energy spread evenly over the kept coordinates)")
     kind: str = field(default="dropout", init=False)
 
     def __post_init__(self):

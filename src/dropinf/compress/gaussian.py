@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import option
 from ..capture.layers import LayerSpec
 from .base import LayerCompressorBase, RSpec, check_seed, layer_seed, resolve_r
 
@@ -54,9 +55,11 @@ class Gaussian:
     block: columns of P generated at a time (memory r·block floats).
     """
 
-    r: RSpec = 64
-    seed: int = 0
-    block: int = 8192
+    r: RSpec = option(64, "r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
+                          "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
+    seed: int = option(0, "seeds the index sets / projections")
+    block: int = option(8192, "columns of the projection generated at a time (memory r x block floats)",
+                        flag="--gaussian-block")
     kind: str = field(default="gaussian", init=False)
 
     def __post_init__(self):

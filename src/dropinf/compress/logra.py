@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import option
 from ..capture.layers import LayerSpec
 from ..errors import IncompatibleMethodError
 from .base import LayerCompressorBase, check_seed, layer_seed
@@ -81,9 +82,9 @@ class LoGraLayer(LayerCompressorBase):
 class LoGra:
     """r_in, r_out: projected input / output sizes per layer (r = r_in·r_out)."""
 
-    r_in: int = 8
-    r_out: int = 8
-    seed: int = 0
+    r_in: int = option(8, "input projection size")
+    r_out: int = option(8, "output projection size")
+    seed: int = option(0, "seeds the index sets / projections")
     kind: str = field(default="logra", init=False)
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import option
 from ..errors import ConfigError
 from .base import FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping
 from .preconditioner import Block, Preconditioner, estimator_signature
@@ -24,8 +25,8 @@ from .stats import gram_pass
 
 @dataclass(frozen=True)
 class DataInf:
-    damping_factor: float = 0.1
-    damping: float | None = None
+    damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
+    damping: float | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
     name: str = "datainf"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:

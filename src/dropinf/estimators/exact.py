@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call, hessian
 from tqdm.auto import tqdm
 
+from ..options import option
 from ..capture.functional import _LossModule, batch_size
 from ..errors import ConfigError, EmptyDataError
 from .base import FitContext, require_kind
@@ -61,9 +62,10 @@ class ExactHessian:
     max_dim:  refuse models whose tracked parameter count exceeds this (H is d × d).
     """
 
-    damping: float = 0.0
-    max_dim: int = 20_000
-    name: str = "exact-hessian"
+    damping: float = option(0.0, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
+    max_dim: int = option(20_000, "refuse models whose tracked parameter count exceeds this",
+                          flag="--exact-max-dim")
+    name: str = "exact"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
         if ctx is None or ctx.model is None or ctx.train_loader is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import option
 from ..errors import ConfigError
 from .base import (FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, spd_inverse)
 from .preconditioner import Block, Preconditioner, estimator_signature
@@ -35,8 +36,8 @@ class GaussNewton:
     damping: if set, a fixed λ for every layer instead of the rule (0 = undamped), or a dict
              {layer: λ_l} (e.g. from estimators.choose_damping; layers not in it follow the rule)."""
 
-    damping_factor: float = 0.1
-    damping: float | dict | None = None
+    damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
+    damping: float | dict | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
     name: str = "gauss-newton"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:

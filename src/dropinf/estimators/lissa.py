@@ -29,6 +29,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ..options import option
 from ..capture.functional import _LossModule
 from ..errors import ConfigError
 from .base import FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, require_kind
@@ -99,11 +100,14 @@ class LiSSA:
     scale (1.0 = the paper's unscaled recursion).  hvp: "gauss-newton" or "model".
     damping_factor / damping: λ_l as in GaussNewton."""
 
-    iterations: int = 10
-    scale: float | None = None
-    hvp: Literal["gauss-newton", "model"] = "gauss-newton"
-    damping_factor: float = 0.1
-    damping: float | None = None
+    iterations: int = option(10, "recursion steps J")
+    scale: float | None = option(None, "the scale of the recursion (default: 1.1 x the largest eigenvalue, "
+                                       "convergent; 1 = the paper's literal recursion)", flag="--lissa-scale")
+    hvp: Literal["gauss-newton", "model"] = option("gauss-newton", "Hessian-vector products of the compressed "
+                                                   "Gauss-Newton matrix, or of the model's true Hessian",
+                                                   flag="--lissa-hvp")
+    damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
+    damping: float | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
     name: str = "lissa"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:

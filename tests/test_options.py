@@ -1,0 +1,80 @@
+"""The command line's method options come from the option dataclasses (dropinf.options)."""
+
+import argparse
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from dropinf.cli import build_parser
+from dropinf.methods import COMPRESSORS, ESTIMATORS
+from dropinf.options import add_options, build, cli_fields, option
+
+
+def test_a_new_field_is_a_new_flag():
+    @dataclasses.dataclass(frozen=True)
+    class Throwaway:
+        strength: float = option(0.5, "how strong")
+        mode: Literal["a", "b"] = option("a", "which way", flag="--throwaway-mode")
+        verbose: bool = option(False, "say more")
+        name: str = "throwaway"                 # no help text: no flag
+
+    @dataclasses.dataclass(frozen=True)
+    class Other:
+        strength: float = option(0.5, "how strong")
+
+    p = argparse.ArgumentParser()
+    add_options(p, {"throwaway": Throwaway, "other": Other})
+    text = p.format_help()
+    assert "--strength" in text and "--throwaway-mode {a,b}" in text and "--verbose" in text
+    assert "--name" not in text and "throwaway: which way" in text and "(default: 0.5)" in text
+    args = p.parse_args(["--strength", "2", "--throwaway-mode", "b", "--verbose"])
+    assert build(Throwaway, args) == Throwaway(strength=2.0, mode="b", verbose=True)
+    assert build(Other, p.parse_args([])) == Other()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--throwaway-mode", "c"])
+
+
+def _help(cmd: str) -> str:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[cmd].format_help()
+
+
+@pytest.mark.parametrize("cmd", ["score", "topk", "report"])
+def test_every_estimator_option_is_on_the_command_line(cmd):
+    text = _help(cmd)
+    for name, cls in ESTIMATORS.items():
+        assert name in text
+        for f in cli_fields(cls):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            assert flag in text, (name, f.name)
+
+
+def test_every_compressor_option_is_on_the_command_line():
+    text = _help("featurize")
+    for name, cls in COMPRESSORS.items():
+        assert name in text
+        for f in cli_fields(cls):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            flag = flag if isinstance(flag, str) else flag[0]
+            assert flag in text, (name, f.name)
+
+
+def test_one_spelling_per_method():
+    assert all(cls().name == key for key, cls in ESTIMATORS.items())
+    assert all(cls().kind == key for key, cls in COMPRESSORS.items())
+
+
+def test_cli_builds_the_same_objects_as_before():
+    from dropinf import Dropout, ExactHessian, GaussNewton, LiSSA, LoGra
+    from dropinf.cli import _compressor, _estimator
+    parse = build_parser().parse_args
+    a = parse(["topk", "m:f", "--store", "s", "--estimator", "lissa", "--lissa-scale", "1", "--iterations", "3"])
+    assert _estimator(a) == LiSSA(iterations=3, scale=1.0)
+    assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "exact"])) == ExactHessian()
+    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
+        GaussNewton(damping=0.3)
+    assert _compressor(parse(["featurize", "m:f", "--store", "s", "--size", "32", "--rotate"])) == \
+        Dropout(r=32, rotate=True)
+    assert _compressor(parse(["featurize", "m:f", "--store", "s", "--compressor", "logra", "--r-in", "4"])) == \
+        LoGra(r_in=4)
