@@ -27,7 +27,7 @@ from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.cache import PreconditionerCache
 from .score.blockwise import TopK
 from .score.scorer import ScoreOptions, Scorer
-from .store.features import Features, check_compatible
+from .store.features import Features, check_signatures
 from .store.featurizer import CaptureOptions, Featurizer
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -123,7 +123,7 @@ class Attributor:
         """Adopt precomputed train features (from ``compute_features`` or ``derive_features``) and
         fit the estimator on them. ``train_loader`` is needed only by ExactHessian and
         LiSSA(hvp="model"), which re-run the model."""
-        check_compatible(train, Features({}, self.signature()))
+        check_signatures(train.signature, self.signature())
         if train.n == 0:
             raise EmptyDataError("the train features hold no rows")
         self.train_features, self.store = train, None
@@ -158,7 +158,7 @@ class Attributor:
                 f"architecture). Open it with the model that built it, or rebuild the store.")
         attr = cls(model, loss_fn, compressor=from_signature(sig["compressor"]), estimator=estimator,
                    track=names, options=opts, progress=progress, score_options=score_options)
-        check_compatible(Features({}, attr.signature()), Features({}, sig))
+        check_signatures(attr.signature(), sig)
         attr.store, attr._store_ids = st, None
         attr._train_loader = train_loader
         attr.fit()
@@ -318,21 +318,9 @@ class Attributor:
         else:
             feats = self.compute_features(query, desc="featurize query", measure=measure)
         ref = self.store.manifest["signature"] if self.store is not None else self.train_features.signature
-        check_compatible(Features({}, feats.signature), Features({}, ref))
+        check_signatures(feats.signature, ref)
         if reduce == "mean":
-            return _mean_rows(feats)
+            return feats.mean()
         if reduce != "none":
             raise ConfigError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         return feats
-
-
-def _mean_rows(src) -> Features:
-    """One pseudo-example whose features are the mean over the rows of a RowSource (eq. 1's query)."""
-    if isinstance(src, Features):
-        return src.mean()
-    sums = {l: torch.zeros(1, src.layer_r(l), dtype=torch.float64) for l in src.layer_names()}
-    for _, chunk in src.iter_chunks():
-        for l, v in chunk.items():
-            sums[l] += v.double().sum(0, keepdim=True)
-    return Features({l: (v / src.n).float() for l, v in sums.items()}, src.signature,
-                    damping_dims={l: src.damping_dim(l) for l in src.layer_names()})

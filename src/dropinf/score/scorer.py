@@ -53,10 +53,7 @@ class ScoreOptions:
 
 
 def _chunks(source, rows: int, part=(0, 1)):
-    from ..store.features import Features
-    if isinstance(source, Features):
-        return source.iter_chunks(rows=rows, part=part)
-    return source.iter_chunks(part=part)
+    return source.iter_chunks(part=part, rows=rows)
 
 
 def _adjacent(chunk: dict, layers: list[str]) -> torch.Tensor | None:

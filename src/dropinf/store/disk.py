@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import DropinfError, FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
+from .features import Features
 from .files import _atomic_write, _checksum_ok, _crc, disk_full, write_bytes_atomic  # noqa: F401 (public here too)
 from .locks import claim
 
@@ -260,13 +261,26 @@ class FeatureStore:
                 parts.append(torch.arange(*self.rows(k)))
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def iter_chunks(self, verify: bool = True, part: tuple[int, int] = (0, 1)
+    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None, verify: bool = True
                     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(first row, {layer: (rows, r_l)}) per shard, in order; ``part=(rank, world)`` yields
-        only the shards k with k % world == rank."""
+        """(first row, {layer: (rows, r_l)}) per shard, in order (``rows`` is ignored: the blocks are
+        the shards); ``part=(rank, world)`` yields only the shards k with k % world == rank."""
         rank, world = part
         for k in range(rank, self.n_chunks, world):
             yield self.offsets[k], self.read_chunk(k, verify)
+
+    def row_ids(self) -> torch.Tensor:
+        """(n,) dataset id of every stored row (the RowSource name of ``ids()``)."""
+        return self.ids()
+
+    def mean(self) -> Features:
+        """One in-memory row, the mean over the stored rows (paper eq. 1's query), accumulated in float64."""
+        sums = {l: torch.zeros(1, self.layer_r(l), dtype=torch.float64) for l in self.layer_names()}
+        for _, chunk in self.iter_chunks():
+            for l, v in chunk.items():
+                sums[l] += v.double().sum(0, keepdim=True)
+        return Features({l: (v / self.n).float() for l, v in sums.items()}, self.signature,
+                        damping_dims={l: self.damping_dim(l) for l in self.layer_names()})
 
     # ------------------------------------------------------------------ one writer per chunk
     def lock_path(self, k: int) -> Path:

@@ -60,10 +60,11 @@ class Features:
     def layer_r(self, name: str) -> int:
         return self.data[name].shape[1]
 
-    def iter_chunks(self, rows: int = 8192, part: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, dict]]:
-        """(first row, {layer: (rows, r_l) view}) over blocks of ``rows`` examples; with
+    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]:
+        """(first row, {layer: (rows, r_l) view}) over blocks of ``rows`` examples (default 8192); with
         ``part=(rank, world)`` only blocks k with k % world == rank."""
         rank, world = part
+        rows = rows or 8192
         for k, s in enumerate(range(0, self.n, rows)):
             if k % world == rank:
                 yield s, {name: v[s:s + rows] for name, v in self.data.items()}
@@ -77,7 +78,12 @@ class Features:
 @runtime_checkable
 class RowSource(Protocol):
     """Compressed train (or query) rows that can be streamed: in memory (Features) or on disk
-    (store.disk.FeatureStore). Every fit and every score pass goes through this seam."""
+    (store.disk.FeatureStore). Every fit and every score pass goes through this seam.
+
+    iter_chunks(part=(rank, world), rows=None): (first row, {layer: (rows, r_l)}) blocks in row
+    order — ``rows`` a block size where the source can choose it (a store's blocks are its shards).
+    row_ids(): (n,) dataset id of every row. mean(): one in-memory row, the mean over rows
+    (paper eq. 1's query)."""
 
     n: int
     signature: dict
@@ -88,12 +94,21 @@ class RowSource(Protocol):
 
     def damping_dim(self, name: str) -> int: ...
 
-    def iter_chunks(self, *args, part: tuple[int, int] = (0, 1), **kw) -> Iterator[tuple[int, dict]]: ...
+    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]: ...
+
+    def row_ids(self) -> torch.Tensor: ...
+
+    def mean(self) -> "Features": ...
 
 
-def check_compatible(query: Features, train: Features) -> None:
+def check_compatible(query, train) -> None:
+    """Raise FeatureMismatchError naming the first field where two row sources' signatures differ."""
+    check_signatures(query.signature, train.signature)
+
+
+def check_signatures(query: dict, train: dict) -> None:
     """Raise FeatureMismatchError naming the first field where the two signatures differ."""
-    diffs = _diff(query.signature, train.signature, "")
+    diffs = _diff(query, train, "")
     if diffs:
         raise FeatureMismatchError(
             "query and train features are not comparable: "

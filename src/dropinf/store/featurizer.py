@@ -32,7 +32,7 @@ from ..capture.layers import LayerSpec, TrackSpec, select_layers
 from ..capture.tokens import TokenCapture
 from ..compress import Dropout
 from ..errors import ConfigError, EmptyDataError, LossShapeError
-from .features import Features, check_compatible
+from .features import Features, check_signatures
 from .ids import check_unique, indexed_loader
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -243,8 +243,8 @@ class Featurizer:
             raise ConfigError("derive_features needs features captured with compressor=Identity(); got "
                               f"{full.signature.get('compressor')}")
         mine = self.signature()
-        check_compatible(Features({}, {k: full.signature.get(k) for k in ("model", "layers")}),
-                         Features({}, {k: mine[k] for k in ("model", "layers")}))
+        check_signatures({k: full.signature.get(k) for k in ("model", "layers")},
+                         {k: mine[k] for k in ("model", "layers")})
         data = {l.name: self.compressors[l.name].from_flat(full.data[l.name]).float() for l in self.layers}
         return Features(data, mine, full.losses, self.damping_dims(), full.ids)
 
