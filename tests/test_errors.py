@@ -158,3 +158,17 @@ def test_cli_full_disk_on_any_write_is_a_message(monkeypatch, capsys):
     assert cli.main(["info", "somewhere"]) == 2
     err = capsys.readouterr().err
     assert "no space left on the device writing reports/mislabel/report.md" in err and "re-run" in err
+
+
+def test_score_into_a_file(tmp_path):
+    """score(out=PATH) writes a .npy memmap (the CLI's `score --out` path, torchrun-aware) equal to the
+    in-memory scores; a missing folder is a ConfigError."""
+    import numpy as np
+    attr = Attributor(tiny_mlp().double(), ce_loss, progress=False)
+    attr.featurize(loader(tiny_data()))
+    want = attr.score(loader(tiny_data(8, seed=3)))
+    got = attr.score(loader(tiny_data(8, seed=3)), out=tmp_path / "s.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), want)
+    assert got.shape == want.shape
+    with pytest.raises(ConfigError, match="does not exist"):
+        attr.score(loader(tiny_data(8, seed=3)), out=tmp_path / "no" / "s.npy")

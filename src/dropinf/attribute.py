@@ -211,9 +211,14 @@ class Attributor:
     def score_device(self) -> torch.device:
         return torch.device(self.score_options.device) if self.score_options.device else self.device
 
-    def _scorer(self, options: ScoreOptions | None) -> Scorer:
+    def fitted(self, what: str = "scoring"):
+        """The fitted preconditioner, or a ConfigError saying what to call first (the one guard)."""
         if self.preconditioner is None:
-            raise ConfigError("call featurize(train_loader) before scoring")
+            raise ConfigError(f"call featurize(train_loader) (or use_features / from_store) before {what}")
+        return self.preconditioner
+
+    def _scorer(self, options: ScoreOptions | None) -> Scorer:
+        self.fitted()
         opts = options or self.score_options
         if opts.device is None:
             opts = dataclasses.replace(opts, device=str(self.score_device))
@@ -227,8 +232,9 @@ class Attributor:
 
         query:     a DataLoader (or any iterable of batches), a Features object, or a FeatureStore
                    of query features (for more queries than fit in memory).
-        out:       optional (n_query, n_train) float32 array to fill, e.g. a memmap from
-                   np.lib.format.open_memmap(path, "w+", np.float32, shape) for matrices larger than RAM.
+        out:       optional (n_query, n_train) float32 array to fill, or a path: a .npy memmap is
+                   created there (its space reserved up front) and returned — for matrices larger
+                   than RAM; under torchrun rank 0 creates it and every rank fills its own columns.
         per_layer: return {layer: (n_query, n_train)} whose sum over layers is the score matrix
                    (which layers drive an attribution).
         options:   ScoreOptions (device, dtype, query/train batch sizes) for this call.
@@ -236,16 +242,35 @@ class Attributor:
                    (dropinf.measures: margin, completion_nll, ...); the train side stays the loss.
         scores[q, i] > 0: train example i is harmful to query q (up-weighting it raises q's loss).
         """
-        if self.preconditioner is None:
-            raise ConfigError("call featurize(train_loader) before score(query)")
-        return self._scorer(options).dense(self._query(query, reduce, measure), out=out, per_layer=per_layer)
+        self.fitted("score(query)")
+        q = self._query(query, reduce, measure)
+        if isinstance(out, (str, Path)):
+            if per_layer:
+                raise ConfigError("out=PATH writes one score matrix; per_layer=True returns one per layer in memory")
+            out = self._scores_file(out, q.n)
+            self._scorer(options).dense(q, out=out)
+            out.flush()
+            return out
+        return self._scorer(options).dense(q, out=out, per_layer=per_layer)
+
+    def _scores_file(self, path, n_query: int) -> np.ndarray:
+        """A (n_query, n_train) float32 .npy memmap at ``path``: rank 0 creates it (space reserved up
+        front), the other torchrun ranks open it after a barrier."""
+        from .dist import barrier
+        from .score import open_scores_memmap
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"out={path}: the folder {folder} does not exist; create it first.")
+        rank, world = self._part()
+        out = open_scores_memmap(path, (n_query, self.train_source.n)) if rank == 0 else None
+        barrier(world)
+        return out if out is not None else np.lib.format.open_memmap(path, mode="r+")
 
     def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none",
              options: ScoreOptions | None = None, measure: LossFn | None = None) -> TopK:
         """The k most helpful (most negative I) and most harmful (most positive I) train examples
         per query, as dataset ids (``train_ids``), without holding the (n_query, n_train) matrix."""
-        if self.preconditioner is None:
-            raise ConfigError("call featurize(train_loader) before topk(query)")
+        self.fitted("topk(query)")
         if k < 1:
             raise ConfigError("k must be ≥ 1")
         top = self._scorer(options).topk(self._query(query, reduce, measure), k)
@@ -265,8 +290,7 @@ class Attributor:
     def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
         """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)
         marks unusual (often mislabeled) examples. O(n·R²) for every estimator."""
-        if self.preconditioner is None:
-            raise ConfigError("call featurize(train_loader) before self_influence()")
+        self.fitted("self_influence()")
         return self._scorer(options).self_influence()
 
     def report(self, query, out: str | Path = "report.html", **kw) -> Path:
@@ -301,8 +325,7 @@ class Attributor:
         Summed over t it equals ``score(query, measure=<the summed measure>)`` (influence is linear
         in the measure). One backward pass per token column; batches of different T are padded
         with zero scores. Only layers with fused hooks (Linear, Conv1D, Conv2d, Embedding, LoRA)."""
-        if self.preconditioner is None:
-            raise ConfigError("call featurize(train_loader) before token_scores(query, measure)")
+        self.fitted("token_scores(query, measure)")
         data, n_q, T = self.featurizer.token_rows(query, measure)
         rows = Features(data, self.signature(), torch.zeros(n_q * T), self.featurizer.damping_dims(),
                         torch.arange(n_q * T))

@@ -242,25 +242,10 @@ def _run(args) -> int:
         print(f"wrote {path}: open it in a browser. {SIGN}")
         return 0
     if args.cmd == "score":
-        import numpy as np
-        from pathlib import Path
-        from .errors import ConfigError
-        folder = Path(args.out).resolve().parent
-        if not folder.is_dir():
-            raise ConfigError(f"--out {args.out}: the folder {folder} does not exist; create it first.")
-        n_q = 1 if args.reduce == "mean" else len(task.query)
-        from .dist import barrier, dist_info
-        rank, world = dist_info()
-        if rank == 0:   # under torchrun rank 0 creates the file; every rank fills its own columns
-            from .score import open_scores_memmap
-            out = open_scores_memmap(args.out, (n_q, attr.store.n))       # space reserved up front
-        barrier(world)
-        if rank != 0:
-            out = np.lib.format.open_memmap(args.out, mode="r+")
-        attr.score(q, reduce=args.reduce, out=out, measure=measure)
-        out.flush()
-        if rank == 0:
-            print(f"wrote {args.out}: float32 ({n_q}, {attr.store.n}). {SIGN}")
+        out = attr.score(q, reduce=args.reduce, out=args.out, measure=measure)    # torchrun-aware memmap
+        from .dist import dist_info
+        if dist_info()[0] == 0:
+            print(f"wrote {args.out}: float32 {tuple(out.shape)}. {SIGN}")
         return 0
     top = attr.topk(q, k=args.k, reduce=args.reduce, measure=measure)
     from .dist import dist_info

@@ -75,8 +75,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
                        suspicious: str | Iterable = "self", n_suspicious: int = 50, marks=None,
                        title: str = "dropinf attribution report") -> Path:
     """Write the report; returns its path. See ``Attributor.report`` for the arguments."""
-    if attr.preconditioner is None:
-        raise ConfigError("call featurize(train_loader) (or Attributor.from_store) before report()")
+    attr.fitted("report()")
     if k < 1:
         raise ConfigError("k must be ≥ 1")
     train_ds = _dataset(attr._train_loader, train_data, "train")
