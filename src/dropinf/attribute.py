@@ -25,7 +25,7 @@ from .capture.layers import TrackSpec
 from .errors import ConfigError, EmptyDataError, FeatureMismatchError
 from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.cache import PreconditionerCache
-from .score.blockwise import TopK
+from .score.topk import TopK
 from .score.scorer import ScoreOptions, Scorer
 from .store.features import Features, check_signatures
 from .store.featurizer import CaptureOptions, Featurizer
@@ -103,7 +103,7 @@ class Attributor:
         """
         self._train_loader = train_loader
         if store is not None:
-            from .store.build import featurize_to_store
+            from .store.writer import featurize_to_store
             self.store = featurize_to_store(self.featurizer, train_loader, store, chunk_size, dtype)
             self.train_features, self._store_ids = None, None
             self.fit()

@@ -6,7 +6,7 @@ import torch
 
 from dropinf import Dropout, FeatureMismatchError, Featurizer
 from dropinf.store import RowSource, check_signatures
-from dropinf.store.build import featurize_to_store
+from dropinf.store.writer import featurize_to_store
 from tests.store import fixture
 
 

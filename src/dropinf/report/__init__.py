@@ -6,7 +6,7 @@
 file, ``content`` renders examples (text, images, labels), ``diagnose`` flags degenerate runs.
 """
 
-from .build import attribution_report
+from .page import attribution_report
 from .content import default_render
 from .diagnose import SIGN, Finding, diagnose
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .blockwise import TopK, topk_merge
+from .topk import TopK, topk_merge
 from .scorer import ScoreOptions, Scorer
 
 

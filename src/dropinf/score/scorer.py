@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..dist import all_gather_objects, all_reduce_sum, barrier
 from ..errors import ConfigError
-from .blockwise import RunningTopK, TopK, topk_merge
+from .topk import RunningTopK, TopK, topk_merge
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -4,7 +4,7 @@ A ``Featurizer`` is the model, its ``loss_fn``, the tracked layers, their compre
 capture options; it is the one loop over data of the library. ``batches(loader)`` yields, for
 every batch, (dataset ids, {layer: (B, r_l) rows}, losses (B,)) with the shape and non-finite
 checks done once, here; its two sinks are ``features(loader)`` (``Features`` in memory, rows in
-increasing dataset-id order) and the on-disk store (store.build, which takes a Featurizer).
+increasing dataset-id order) and the on-disk store (store.writer, which takes a Featurizer).
 ``token_rows`` is the token-level form (one row per example and token of a measurement).
 
 Rows are dataset ids: a shuffled loader or a collate function that drops examples gives rows keyed
