@@ -64,7 +64,7 @@ class Attributor:
         self.store = None
         self.preconditioner = None     # the fitted estimator (estimators.Preconditioner)
         self.fit_status = None         # "fitted", or "loaded PATH" when reused from a store
-        self._train_loader = None
+        self.train_loader = None       # re-read by ExactHessian / LiSSA(hvp='model') and the report
 
     # ------------------------------------------------------------------ features (store.featurizer)
     model = property(lambda self: self.featurizer.model)
@@ -101,7 +101,7 @@ class Attributor:
         same folder, split across processes under torchrun; the fitted preconditioner is saved in
         the store; returns the FeatureStore.
         """
-        self._train_loader = train_loader
+        self.train_loader = train_loader
         if store is not None:
             from .store.writer import featurize_to_store
             self.store = featurize_to_store(self.featurizer, train_loader, store, chunk_size, dtype)
@@ -128,7 +128,7 @@ class Attributor:
             raise EmptyDataError("the train features hold no rows")
         self.train_features, self.store = train, None
         if train_loader is not None:
-            self._train_loader = train_loader
+            self.train_loader = train_loader
         self.fit()
         return self
 
@@ -160,7 +160,7 @@ class Attributor:
                    track=names, options=opts, progress=progress, score_options=score_options)
         check_signatures(attr.signature(), sig)
         attr.store, attr._store_ids = st, None
-        attr._train_loader = train_loader
+        attr.train_loader = train_loader
         attr.fit()
         return attr
 
@@ -183,7 +183,7 @@ class Attributor:
         or the model's device; split across torchrun ranks). With a store, a preconditioner saved
         there for the same estimator options is loaded instead, and a new fit is saved."""
         if train_loader is not None:
-            self._train_loader = train_loader
+            self.train_loader = train_loader
         source = self.train_source
         cache = PreconditionerCache(self.store.precond_dir, self.estimator) if self.store is not None else None
         pre = cache.load(source.n, self._say) if cache is not None else None
@@ -194,7 +194,7 @@ class Attributor:
             self._say(f"dropinf: fitting {type(self.estimator).__name__} on {source.n} stored rows "
                       f"(no saved preconditioner with these options in {self.store.path})")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
-                         self._train_loader, self.progress, self.score_device, self._part(),
+                         self.train_loader, self.progress, self.score_device, self._part(),
                          self.featurizer.to_device)
         with self.featurizer.mode():
             pre = self.estimator.fit(source, ctx)

@@ -18,8 +18,9 @@ from torch.utils._pytree import tree_map
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-class _LossModule(nn.Module):
-    """Wraps (model, loss_fn) so functional_call can swap parameters with public APIs only."""
+class LossModule(nn.Module):
+    """(model, loss_fn) as one module: ``forward(batch)`` is ``loss_fn(model, batch)``, so that
+    torch.func.functional_call can swap the model's parameters (keys ``model.<name>``)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -53,7 +54,7 @@ class PerExampleGrads:
     _warned = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: Sequence[str]):
-        self.wrapper = _LossModule(model, loss_fn)
+        self.wrapper = LossModule(model, loss_fn)
         self.model = model
         self.names = list(param_names)
 

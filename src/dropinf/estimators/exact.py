@@ -14,40 +14,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, hessian
-from tqdm.auto import tqdm
 
 from ..options import option
-from ..capture.functional import _LossModule, batch_size
-from ..errors import ConfigError, EmptyDataError
+from ..errors import ConfigError
 from .base import FitContext, require_kind
-from .lissa import kept_coordinates
+from .model_hessian import full_hessian, kept_coordinates
 from .preconditioner import Block, Preconditioner, estimator_signature
-
-
-def full_hessian(ctx: FitContext, names: list[str]) -> tuple[torch.Tensor, int]:
-    """Σ_i ∇²ℓ_i over the flat vector of the named parameters, and n. (d × d, float64)"""
-    pm = dict(ctx.model.named_parameters(remove_duplicate=False))
-    params = [pm[n].detach() for n in names]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-    flat0 = torch.cat([p.reshape(-1) for p in params])
-    wrapper = _LossModule(ctx.model, ctx.loss_fn)
-
-    def f(flat, batch):
-        chunks = torch.split(flat, sizes)
-        p = {f"model.{n}": c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
-        return functional_call(wrapper, p, (batch,)).sum()
-
-    h, n = None, 0
-    for batch in tqdm(ctx.train_loader, desc="exact hessian", disable=not ctx.progress, leave=False):
-        batch = ctx.to_device(batch)
-        hb = hessian(f)(flat0, batch).double()
-        h = hb if h is None else h + hb
-        n += batch_size(batch)
-    if h is None:
-        raise EmptyDataError("the train loader yielded no batches; cannot build the Hessian")
-    return h, n
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..options import option
-from ..capture.functional import _LossModule
 from ..errors import ConfigError
 from .base import FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, require_kind
 from .preconditioner import Block, Preconditioner, estimator_signature
+from .model_hessian import restricted_hessian
 from .stats import gram_pass
 
 
@@ -45,53 +43,6 @@ def series(x: torch.Tensor, scale: float, iterations: int) -> torch.Tensor:
         power = power * t
         out = out + power
     return out / scale
-
-
-def kept_coordinates(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Flat indices (into the concatenated tracked parameters) of the kept coordinates, their
-    compressor factors, and the total parameter count."""
-    idx, fac, off = [], [], 0
-    for l in ctx.layers:
-        comp = ctx.compressors[l.name]
-        li = getattr(comp, "indices", torch.arange(l.dim))
-        idx.append(li + off)
-        fac.append(torch.full((li.numel(),), float(getattr(comp, "factor", 1.0)), dtype=torch.float64))
-        off += l.dim
-    return torch.cat(idx), torch.cat(fac), off
-
-
-def restricted_hessian(ctx: FitContext, columns: int = 256) -> tuple[torch.Tensor, int]:
-    """(R × R) mean train-loss Hessian at the kept coordinates (times the compressors' factors),
-    from R autograd HVPs per train batch, ``columns`` at a time; and n."""
-    if ctx.train_loader is None or ctx.model is None:
-        raise ConfigError("LiSSA(hvp='model') needs the model and the train loader: use it through "
-                          "Attributor.featurize(loader) (or from_store(..., train_loader=loader)).")
-    names = [pn for l in ctx.layers for pn in l.param_names]
-    pm = dict(ctx.model.named_parameters(remove_duplicate=False))
-    leaves = [pm[nm].detach().clone().requires_grad_(True) for nm in names]
-    keyed = {f"model.{nm}": t for nm, t in zip(names, leaves)}
-    wrapper = _LossModule(ctx.model, ctx.loss_fn)
-    gidx, gfac, d_full = kept_coordinates(ctx)
-    R = gidx.numel()
-    dev = leaves[0].device
-    h = torch.zeros(R, R, dtype=torch.float64)
-    n = 0
-    for batch in tqdm(ctx.train_loader, desc="hessian columns", leave=False, disable=not ctx.progress):
-        batch = ctx.to_device(batch)
-        losses = functional_call(wrapper, keyed, (batch,))
-        n += losses.shape[0]
-        grads = torch.autograd.grad(losses.sum(), leaves, create_graph=True)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for c0 in range(0, R, columns):
-            cols = torch.arange(c0, min(R, c0 + columns))
-            e = torch.zeros(cols.numel(), d_full, dtype=flat.dtype, device=dev)
-            e[torch.arange(cols.numel()), gidx[cols].to(dev)] = gfac[cols].to(dev, flat.dtype)
-            outs = torch.autograd.grad(flat, leaves, grad_outputs=e, is_grads_batched=True, retain_graph=True)
-            hv = torch.cat([o.reshape(cols.numel(), -1) for o in outs], 1).double().cpu()
-            h[cols] += hv[:, gidx] * gfac
-    if n == 0:
-        raise ConfigError("the train loader yielded no batches; cannot build the Hessian")
-    return (h + h.T) / (2 * n), n
 
 
 @dataclass(frozen=True)

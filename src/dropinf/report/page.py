@@ -78,7 +78,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
     attr.fitted("report()")
     if k < 1:
         raise ConfigError("k must be ≥ 1")
-    train_ds = _dataset(attr._train_loader, train_data, "train")
+    train_ds = _dataset(attr.train_loader, train_data, "train")
     query_ds = _dataset(query, query_data, "query")
     render = render or default_render(tokenizer, label_names)
     query_render = query_render or render
