@@ -27,7 +27,7 @@ from .estimators import ExactHessian, FitContext, GaussNewton
 from .estimators.cache import PreconditionerCache
 from .score.topk import TopK
 from .score.scorer import ScoreOptions, Scorer
-from .store.features import Features, check_signatures
+from .store.features import Features, RowSource, check_signatures
 from .store.featurizer import CaptureOptions, Featurizer
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -332,8 +332,7 @@ class Attributor:
         return self.score(rows, options=options).reshape(n_q, T, -1)
 
     def _query(self, query, reduce, measure=None):
-        from .store.disk import FeatureStore
-        if isinstance(query, (FeatureStore, Features)):
+        if isinstance(query, RowSource):          # rows captured already (Features, FeatureStore)
             if measure is not None:
                 raise ConfigError("measure= applies when the query is a loader (features are already captured "
                                   "with their function); pass the query DataLoader instead.")

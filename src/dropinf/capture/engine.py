@@ -24,6 +24,7 @@ are routed to the torch.func fallback at layer selection (capture.layers).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -130,34 +131,35 @@ class BatchCapture:
                     raise _Retry()
         return rnd, losses, want_sum, want_rows
 
-    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool) -> dict:
-        """check.example_grads under this session's backward mode, its failures explained."""
+    @contextlib.contextmanager
+    def _autograd_errors(self):
+        """Around every backward: re-entrant checkpointing's refusal of autograd.grad (or of inputs=)
+        switches this session to .backward() and redoes the batch (_Retry); any other failure is a
+        CaptureError that says why."""
         try:
-            return example_grads(self.model, self._params, target, blocks, self.compressors, retain,
-                                 restrict=self._backward_mode == "grad")
-        except torch.OutOfMemoryError:
+            yield
+        except (torch.OutOfMemoryError, CaptureError):
             raise
         except RuntimeError as exc:
-            if not _reentrant_refusal(exc):
+            if self._backward_mode == "backward" or not _reentrant_refusal(exc):
                 raise _backward_failed(exc) from exc
             self._backward_mode = "backward"
-            raise _Retry() from exc
+            warnings.warn("re-entrant gradient checkpointing refuses torch.autograd.grad; capturing with "
+                          ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=6)
+            raise _Retry() from exc   # the hooks may have run for nothing: the batch is redone
+
+    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool) -> dict:
+        """check.example_grads under this session's backward mode."""
+        with self._autograd_errors():
+            return example_grads(self.model, self._params, target, blocks, self.compressors, retain,
+                                 restrict=self._backward_mode == "grad")
 
     def _backward(self, target: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         """The batch backward that runs the hooks: {param name: batch gradient} of ``names``."""
         params = [self._params[n] for n in names]
         if self._backward_mode == "grad":
-            try:
+            with self._autograd_errors():
                 gs = torch.autograd.grad(target, params, allow_unused=True)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:
-                if not _reentrant_refusal(exc):
-                    raise _backward_failed(exc) from exc
-                self._backward_mode = "backward"
-                warnings.warn("re-entrant gradient checkpointing refuses torch.autograd.grad; capturing with "
-                              ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=5)
-                raise _Retry() from exc   # the first backward already ran the hooks for nothing
             fused = set(self.fused_names)
             if any(g is None and n in fused for n, g in zip(names, gs)):
                 # a tracked weight the graph does not reach: unused this batch, or hidden inside a
@@ -172,12 +174,8 @@ class BatchCapture:
         for p in every:
             p.grad = None
         try:
-            try:
+            with self._autograd_errors():
                 target.backward()
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:
-                raise _backward_failed(exc) from exc
             return {n: densify(p.grad) for n, p in zip(names, params) if p.grad is not None}
         finally:
             for p, g in zip(every, old):
