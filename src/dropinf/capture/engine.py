@@ -39,7 +39,7 @@ from .functional import LossFn, PerExampleGrads, densify, flatten_block
 from .hooks import FusedHooks, Round
 from .layers import LayerSpec
 
-_MAX_ROUNDS = 8      # forward+backward rounds for one batch while layouts and routes settle
+_MAX_ROUNDS = 16     # forward+backward rounds for one batch while layouts and routes settle
 
 
 def _reentrant_refusal(exc: RuntimeError) -> bool:
@@ -101,7 +101,8 @@ class BatchCapture:
 
     def _run(self, batch, check: bool):
         """Forward + backward with the compressing hooks. With ``check``, also the checked examples' own
-        gradients (_references) and the batch gradient of every tracked block. Returns (round, losses,
+        gradients (check.sliced_references, or the batch's graph) and the batch gradient of every fused
+        block. Returns (round, losses,
         compressed batch gradient, {b: compressed gradient of example b}) — the last two only with
         ``check``."""
         want_sum: dict[str, torch.Tensor] = {}
@@ -124,7 +125,8 @@ class BatchCapture:
             rnd.active = False       # nothing after the main backward may add calls
             if check and self._reference == "slice":
                 # after the main backward, once the batch's graph is gone: one example at a time
-                want_rows = sliced_references(self.model, self.loss_fn, batch, losses.detach(), bool(rnd.low),
+                want_rows = sliced_references(self.model, self.loss_fn, batch, losses.detach(),
+                                              bool(rnd.low) or self._low_weights(),
                                               lambda loss: self._example_grads(loss, blocks, retain=False))
                 if want_rows is None:
                     self._reference = "graph"    # the batch does not slice into its examples
@@ -273,7 +275,7 @@ class BatchCapture:
         mod = self._modules.get(name)
         return type(mod).__name__ if mod is not None else "?"
 
-    # ------------------------------------------------------------------ token-level capture
+
 def _backward_failed(exc: RuntimeError) -> CaptureError:
     hint = ""
     if "inplace" in str(exc) or "in-place" in str(exc):
@@ -285,7 +287,8 @@ def _backward_failed(exc: RuntimeError) -> CaptureError:
 
 
 class _Retry(Exception):
-    """Internal: re-run the batch with .backward() (re-entrant checkpointing)."""
+    """Internal: run the batch again (now with .backward() under re-entrant checkpointing, or with the
+    examples' own gradients taken from the batch's graph)."""
 
 
 def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
