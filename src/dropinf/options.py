@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
+import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
@@ -41,7 +41,7 @@ def _kind(tp) -> tuple[str, Any]:
         return "bool", None
     if get_origin(tp) is Literal:
         return "choice", list(get_args(tp))
-    if get_origin(tp) in (Union, getattr(typing, "UnionType", Union)) or type(tp).__name__ == "UnionType":
+    if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         for a in args:                                  # the first scalar member: float | dict | None → float
             if a in (int, float, str):
@@ -54,9 +54,9 @@ def cli_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("help")]
 
 
-def add_options(group, family: dict[str, type]) -> dict[str, str]:
-    """Flags for every documented field of every class in ``family`` ({method: class}). Returns
-    {field name: argparse dest}."""
+def add_options(group, family: dict[str, type]) -> None:
+    """Flags for every documented field of every class in ``family`` ({method: class}); each flag's
+    dest is the field's name."""
     seen: dict[str, dict] = {}
     for method, cls in family.items():
         hints = get_type_hints(cls)
@@ -66,7 +66,7 @@ def add_options(group, family: dict[str, type]) -> dict[str, str]:
                                                "methods": [], "defaults": set()})
             entry["methods"].append(method)
             entry["defaults"].add(repr(f.default))
-    dests: dict[str, str] = {}
+    dests: set[str] = set()
     for key, e in seen.items():
         f, kind, extra = e["field"], *_kind(e["hint"])
         if f.name in dests:
@@ -78,14 +78,13 @@ def add_options(group, family: dict[str, type]) -> dict[str, str]:
         shown = f" (default: {default})" if same and default is not None and kind != "bool" else ""
         help_text = f"{who}{f.metadata['help']}{shown}".replace("%", "%%")
         dest = f.name
+        dests.add(dest)
         if kind == "bool":
             group.add_argument(*e["flags"], dest=dest, action="store_true", help=help_text)
         elif kind == "choice":
             group.add_argument(*e["flags"], dest=dest, choices=extra, default=default, help=help_text)
         else:
             group.add_argument(*e["flags"], dest=dest, type=extra, default=default, help=help_text)
-        dests[f.name] = dest
-    return dests
 
 
 def build(cls, args: argparse.Namespace):

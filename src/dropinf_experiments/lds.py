@@ -134,7 +134,7 @@ def _gn_variants(tr, qu, gt, seed):
 
 def _save(path: str, rows: list[dict]) -> None:
     from pathlib import Path
-    from dropinf.store.disk import write_bytes_atomic
+    from dropinf.store.files import write_bytes_atomic
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_bytes_atomic(Path(path), json.dumps(rows))
 

@@ -306,6 +306,14 @@ def test_max_norm_embedding_rows_and_unseen_query_tokens():
 
 
 # ------------------------------------------------------------------ reduced precision
+def autocast_ce(m, batch):
+    """Cross-entropy per example with the forward under CPU bfloat16 autocast."""
+    x, y = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    return nn.functional.cross_entropy(out.float(), y, reduction="none")
+
+
 @pytest.mark.parametrize("track", TRACKS)
 def test_autocast_bfloat16_loss(track):
     """Correct features under CPU bf16 autocast are not refused; rows equal the loop under the same
@@ -313,14 +321,8 @@ def test_autocast_bfloat16_loss(track):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).float()
 
-    def loss(m, batch):
-        x, y = batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
-        return nn.functional.cross_entropy(out.float(), y, reduction="none")
-
     x, y = feats(6, 1, 8)
-    attr, msgs = assert_rows(model, (x[:, 0].float(), y), track, loss, rtol=3e-2)
+    attr, msgs = assert_rows(model, (x[:, 0].float(), y), track, autocast_ce, rtol=3e-2)
     assert not any("torch.func" in m for m in msgs), msgs
 
 
@@ -396,11 +398,8 @@ def test_reduced_precision_is_named_when_a_layer_fails_under_autocast():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).float()
 
-    def loss(m, batch):
-        x, y = batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
-        return nn.functional.cross_entropy(out.float(), y, reduction="none") + 0.5 * (m[2].weight ** 2).sum()
+    def loss(m, batch):                     # weight decay written into the loss
+        return autocast_ce(m, batch) + 0.5 * (m[2].weight ** 2).sum()
 
     x, y = feats(6, 1, 8)
     _, msgs = assert_rows(model, (x[:, 0].float(), y), None, loss, rtol=3e-2)

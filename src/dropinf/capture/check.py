@@ -5,9 +5,9 @@ later batch where a tracked module's input layout had to be read anew, capture.l
 comparisons per tracked block, both against plain autograd on the same forward:
 
 * **rows**: the captured row of a few examples of the batch (the first, the middle and the last)
-  against the same compression of that example's own gradient, ∂ loss_b / ∂θ — one extra backward
-  per example from the retained graph. This is what sees rows given to the wrong example (a
-  sequence-first input read batch-first, a table shared by the batch) — a sum cannot.
+  against the same compression of that example's own gradient, ∂ loss_b / ∂θ (see below). This
+  is what sees rows given to the wrong example (a sequence-first input read batch-first, a table
+  shared by the batch) — a sum cannot.
 * **sum**: Σ_b of every captured row against the compression of the plain batch gradient, which
   covers the examples the row check did not pick (fused blocks).
 
@@ -175,7 +175,7 @@ def check_blocks(fused: list[LayerSpec], func: list[LayerSpec], feats: dict[str,
     return failures
 
 
-def cause(f: Failure, module_type: str, fired: bool, layout_note: str, low_dtype: str | None) -> str:
+def cause(f: Failure, fired: bool, layout_note: str, low_dtype: str | None) -> str:
     """Why a fused block failed, in words a user can act on."""
     if f.kind == "rows":
         why = (f"the captured rows of examples {list(f.examples)} of the batch differ from those examples' own "

@@ -66,7 +66,7 @@ class BatchCapture:
         self._backward_mode = "grad"        # "backward" once re-entrant checkpointing refused .grad()
         self.hooks = FusedHooks(compressors)  # the hooks, and the layouts this session verified
         self.routed: dict[str, str] = {}    # block -> why it went from the fused hooks to torch.func
-        self._reference = "slice"           # how the check gets examples' own gradients (_references)
+        self._reference = "slice"           # how the check gets examples' own gradients (check.sliced_references)
         self._set_routes([l for l in layers if l.kind == "fused"])
 
     def _set_routes(self, fused: list[LayerSpec]) -> None:
@@ -126,7 +126,7 @@ class BatchCapture:
             if check and self._reference == "slice":
                 # after the main backward, once the batch's graph is gone: one example at a time
                 want_rows = sliced_references(self.model, self.loss_fn, batch, losses.detach(),
-                                              bool(rnd.low) or self._low_weights(),
+                                              self._low_dtype(rnd) is not None,
                                               lambda loss: self._example_grads(loss, blocks, retain=False))
                 if want_rows is None:
                     self._reference = "graph"    # the batch does not slice into its examples
@@ -234,7 +234,7 @@ class BatchCapture:
             feats = self._assemble(rnd, losses, batch)
             if due and want_rows:
                 failures = check_blocks(self.fused, self.func, feats, want_sum, want_rows,
-                                        bool(rnd.low) or self._low_weights())
+                                        self._low_dtype(rnd) is not None)
                 if failures:
                     self._handle(failures, rnd)
                     continue
@@ -245,14 +245,16 @@ class BatchCapture:
         raise CaptureCheckError(f"capture could not settle on a correct way to capture this batch in {_MAX_ROUNDS} "
                                 f"rounds (routes: {self.routed}). Please report this model.")
 
-    def _low_weights(self) -> bool:
-        return any(self._params[n].dtype in LOW for n in self.all_names)
+    def _low_dtype(self, rnd: Round) -> str | None:
+        """The reduced precision the forward ran in (autocast outputs, or half-precision weights)."""
+        if rnd.low:
+            return ", ".join(sorted(rnd.low))
+        low = next((self._params[n].dtype for n in self.all_names if self._params[n].dtype in LOW), None)
+        return None if low is None else str(low).replace("torch.", "")
 
     def _handle(self, failures: list[Failure], rnd: Round) -> None:
         """A fused block that failed: the next candidate layout, else torch.func. A func block: refuse."""
-        low = ", ".join(sorted(rnd.low)) or (str(next(self._params[n].dtype for n in self.all_names
-                                                      if self._params[n].dtype in LOW)).replace("torch.", "")
-                                             if self._low_weights() else None)
+        low = self._low_dtype(rnd)
         fused = {l.name: l for l in self.fused}
         for f in failures:
             block = fused.get(f.block)
@@ -267,7 +269,7 @@ class BatchCapture:
                 if all(self.hooks.has_next(k, rnd) for k in pending):
                     continue                     # read those inputs with the next layout, then check again
             note = "".join(self.hooks.layout_note(k, rnd) for k in pending[:1])
-            self._route(f.block, cause(f, mtype, any(u.module in rnd.fired for u in block.uses), note, low))
+            self._route(f.block, cause(f, any(u.module in rnd.fired for u in block.uses), note, low))
 
     def _module_type(self, block: str) -> str:
         spec = next((l for l in self.layers if l.name == block), None)

@@ -17,7 +17,7 @@ def open_scores_memmap(path, shape: tuple[int, int]) -> np.ndarray:
     from pathlib import Path
 
     from ..errors import ConfigError
-    from ..store.disk import StoreError, disk_full
+    from ..store.files import StoreError, disk_full
     path = Path(path)
     if not path.parent.is_dir():
         raise ConfigError(f"{path}: the folder {path.parent} does not exist; create it first.")

@@ -31,9 +31,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import DropinfError, FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
+from ..errors import FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
 from .features import Features
-from .files import _atomic_write, _checksum_ok, _crc, disk_full, write_bytes_atomic  # noqa: F401 (public here too)
+from .files import _atomic_write, _checksum_ok, _crc, write_bytes_atomic
 from .locks import claim
 
 FORMAT = "dropinf-store/1"
