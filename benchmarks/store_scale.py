@@ -36,7 +36,7 @@ class Synthetic:
 
 def child(n: int, folder: str) -> None:
     import torch
-    from dropinf import Attributor, Dropout
+    from dropinf import Attributor, Dropout, StoreOptions
     from dropinf_experiments.models.mlp import ce_loss, mlp
 
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def child(n: int, folder: str) -> None:
     base = rss_mb()
     attr = Attributor(model, ce_loss, compressor=Dropout(r=64, seed=0), progress=False)
     t0 = time.perf_counter()
-    store = attr.featurize(train, store=Path(folder) / f"store-{n}", chunk_size=4096)
+    store = attr.featurize(train, store=StoreOptions(Path(folder) / f"store-{n}", chunk_size=4096))
     t1 = time.perf_counter()
     top = attr.topk(query, k=10)
     t2 = time.perf_counter()

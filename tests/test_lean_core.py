@@ -13,6 +13,7 @@ for name in ("sklearn", "scipy", "matplotlib", "transformers", "peft", "dropinf_
 import torch, tempfile
 import dropinf
 from dropinf import Attributor, Dropout, Identity, GaussNewton, DataInf, LiSSA, GradDot, ExactHessian
+from dropinf.store.writer import StoreOptions
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
@@ -25,7 +26,7 @@ for est in (GaussNewton(), DataInf(), LiSSA(), GradDot(), ExactHessian(damping=0
     assert a.score(dl).shape == (64, 64) and a.self_influence().shape == (64,)
 with tempfile.TemporaryDirectory() as d:
     a = Attributor(model, loss, compressor=Identity(), progress=False)
-    a.featurize(dl, store=d + "/s", chunk_size=20)
+    a.featurize(dl, store=StoreOptions(d + "/s", chunk_size=20))
     top = a.topk(dl, k=3)
     b = Attributor.from_store(d + "/s", model, loss, progress=False)
     assert (b.topk(dl, k=3).harmful_idx == top.harmful_idx).all()

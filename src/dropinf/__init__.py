@@ -13,11 +13,14 @@ from .errors import (CaptureCheckError, CaptureError, ConfigError, DropinfError,
 from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
 from .score import ScoreOptions, TopK
 from .store import Features
-from .store.budget import split_budget
+from .report.options import ReportOptions
+from .store.budget import BudgetOptions, split_budget
 from .store.featurizer import Featurizer
+from .store.writer import StoreOptions
 
 
-__all__ = ["Attributor", "Featurizer", "split_budget", "CaptureOptions", "ScoreOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
+__all__ = ["Attributor", "Featurizer", "split_budget", "BudgetOptions", "CaptureOptions", "ScoreOptions", "StoreOptions",
+           "ReportOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
            "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "CaptureError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "LossShapeError", "MissingDataError",
            "NonFiniteGradientError", "NoTrackableLayersError", "StoreError"]

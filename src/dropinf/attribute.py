@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -23,14 +24,28 @@ from torch import nn
 
 from .capture.layers import TrackSpec
 from .errors import ConfigError, EmptyDataError, FeatureMismatchError
-from .estimators import ExactHessian, FitContext, GaussNewton
+from .estimators import ExactHessian, FitContext, GaussNewton, Preconditioner
 from .estimators.cache import PreconditionerCache
+from .report.options import ReportOptions
 from .score.topk import TopK
 from .score.scorer import ScoreOptions, Scorer
+from .store.disk import FeatureStore
 from .store.features import Features, RowSource, check_signatures
 from .store.featurizer import CaptureOptions, Featurizer
+from .store.writer import StoreOptions
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class Fitted:
+    """An Attributor's fitted state, in one place: the train rows (in-memory Features or a
+    FeatureStore), the preconditioner fitted on them, and how it was obtained."""
+
+    train: RowSource
+    preconditioner: Preconditioner
+    status: str                          # "fitted", or "loaded PATH" when reused from a store
+    ids: torch.Tensor | None = None      # the train rows' dataset ids, read once
 
 
 class Attributor:
@@ -60,11 +75,8 @@ class Attributor:
         self.featurizer = Featurizer(model, loss_fn, compressor, track, options, progress)
         self.estimator = estimator
         self.score_options = score_options or ScoreOptions()
-        self.train_features: Features | None = None
-        self.store = None
-        self.preconditioner = None     # the fitted estimator (estimators.Preconditioner)
-        self.fit_status = None         # "fitted", or "loaded PATH" when reused from a store
-        self.train_loader = None       # re-read by ExactHessian / LiSSA(hvp='model') and the report
+        self.state: Fitted | None = None   # set by featurize / use_features / from_store
+        self.train_loader = None          # re-read by ExactHessian / LiSSA(hvp='model') and the report
 
     # ------------------------------------------------------------------ features (store.featurizer)
     model = property(lambda self: self.featurizer.model)
@@ -91,26 +103,22 @@ class Attributor:
         dropinf.measures), in increasing dataset-id order: ``Featurizer.features``."""
         return self.featurizer.features(loader, desc, measure)
 
-    def featurize(self, train_loader: Iterable, store: str | Path | None = None, chunk_size: int = 4096,
-                  dtype: str = "float32"):
+    def featurize(self, train_loader: Iterable, store: str | Path | StoreOptions | None = None):
         """Capture train features and fit the estimator (its preconditioner M).
 
         store=None: features in memory; returns them (Features).
-        store=PATH: stream them to an on-disk FeatureStore in chunks of ``chunk_size`` rows
-        (dtype "float32", "float16" or "bfloat16"), resuming a previous interrupted run into the
-        same folder, split across processes under torchrun; the fitted preconditioner is saved in
-        the store; returns the FeatureStore.
+        store=PATH or StoreOptions(PATH, chunk_size=4096, dtype="float32"): stream them to an
+        on-disk FeatureStore in chunks, resuming a previous interrupted run into the same folder,
+        split across processes under torchrun; the fitted preconditioner is saved in the store;
+        returns the FeatureStore.
         """
         self.train_loader = train_loader
         if store is not None:
             from .store.writer import featurize_to_store
-            self.store = featurize_to_store(self.featurizer, train_loader, store, chunk_size, dtype)
-            self.train_features, self._store_ids = None, None
-            self.fit()
-            return self.store
-        self.store = None
+            self._fit(featurize_to_store(self.featurizer, train_loader, store))
+            return self.state.train
         self.use_features(self.compute_features(train_loader, desc="featurize train"))
-        return self.train_features
+        return self.state.train
 
     # ------------------------------------------------------------------ features computed elsewhere
     def derive_features(self, full: Features) -> Features:
@@ -126,10 +134,9 @@ class Attributor:
         check_signatures(train.signature, self.signature())
         if train.n == 0:
             raise EmptyDataError("the train features hold no rows")
-        self.train_features, self.store = train, None
         if train_loader is not None:
             self.train_loader = train_loader
-        self.fit()
+        self._fit(train)
         return self
 
     @classmethod
@@ -159,47 +166,59 @@ class Attributor:
         attr = cls(model, loss_fn, compressor=from_signature(sig["compressor"]), estimator=estimator,
                    track=names, options=opts, progress=progress, score_options=score_options)
         check_signatures(attr.signature(), sig)
-        attr.store, attr._store_ids = st, None
         attr.train_loader = train_loader
-        attr.fit()
+        attr._fit(st)
         return attr
 
-    # ------------------------------------------------------------------ precondition
-    @property
-    def train_source(self):
-        """The train rows (RowSource): the store if there is one, else the in-memory Features."""
-        if self.store is not None:
-            return self.store
-        if self.train_features is None:
-            raise ConfigError("call featurize(train_loader) (or use_features / from_store) first")
-        return self.train_features
+    # ------------------------------------------------------------------ fitted state
+    def fitted(self, what: str = "scoring") -> Fitted:
+        """The fitted state, or a ConfigError saying what to call first (the one guard)."""
+        if self.state is None:
+            raise ConfigError(f"call featurize(train_loader) (or use_features / from_store) before {what}")
+        return self.state
 
-    def _part(self) -> tuple[int, int]:
+    store = property(lambda self: self.state.train if self.state and isinstance(self.state.train, FeatureStore)
+                     else None, doc="the on-disk FeatureStore of the train rows, or None (rows in memory)")
+    train_features = property(lambda self: self.state.train if self.state and isinstance(self.state.train, Features)
+                              else None, doc="the in-memory train Features, or None (rows in a store)")
+    preconditioner = property(lambda self: self.state.preconditioner if self.state else None,
+                              doc="the fitted estimator (estimators.Preconditioner), or None")
+    fit_status = property(lambda self: self.state.status if self.state else None,
+                          doc='"fitted", or "loaded PATH" when the preconditioner was reused from a store')
+    train_source = property(lambda self: self.fitted("reading the train rows").train,
+                            doc="the train rows (RowSource): a FeatureStore or in-memory Features")
+
+    def _shard(self):
         from .dist import dist_info
         return dist_info()
 
-    def fit(self, train_loader: Iterable | None = None):
-        """Fit the estimator's preconditioner on the train rows (streamed; on ``score_options.device``
-        or the model's device; split across torchrun ranks). With a store, a preconditioner saved
-        there for the same estimator options is loaded instead, and a new fit is saved."""
+    def fit(self, train_loader: Iterable | None = None) -> Preconditioner:
+        """Refit the estimator's preconditioner on the train rows (e.g. after changing
+        ``self.estimator``); see ``_fit``."""
         if train_loader is not None:
             self.train_loader = train_loader
-        source = self.train_source
-        cache = PreconditionerCache(self.store.precond_dir, self.estimator) if self.store is not None else None
+        return self._fit(self.fitted("fit()").train)
+
+    def _fit(self, source: RowSource) -> Preconditioner:
+        """Fit on ``source`` (streamed; on ``score_options.device`` or the model's device; split
+        across torchrun ranks) and make it the fitted state. With a store, a preconditioner saved
+        there for the same estimator options is loaded instead, and a new fit is saved."""
+        on_disk = isinstance(source, FeatureStore)
+        cache = PreconditionerCache(source.precond_dir, self.estimator) if on_disk else None
         pre = cache.load(source.n, self._say) if cache is not None else None
         if pre is not None:
-            self.preconditioner, self.fit_status = pre, f"loaded {cache.path}"
+            self.state = Fitted(source, pre, f"loaded {cache.path}")
             return pre
-        if self.store is not None:
+        if on_disk:
             self._say(f"dropinf: fitting {type(self.estimator).__name__} on {source.n} stored rows "
-                      f"(no saved preconditioner with these options in {self.store.path})")
+                      f"(no saved preconditioner with these options in {source.path})")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
-                         self.train_loader, self.progress, self.score_device, self._part(),
+                         self.train_loader, self.progress, self.score_device, self._shard(),
                          self.featurizer.to_device)
         with self.featurizer.mode():
             pre = self.estimator.fit(source, ctx)
-        self.preconditioner, self.fit_status = pre, "fitted"
-        if cache is not None and ctx.part[0] == 0:
+        self.state = Fitted(source, pre, "fitted")
+        if cache is not None and ctx.shard.rank == 0:
             cache.save(pre)
         return pre
 
@@ -211,18 +230,12 @@ class Attributor:
     def score_device(self) -> torch.device:
         return torch.device(self.score_options.device) if self.score_options.device else self.device
 
-    def fitted(self, what: str = "scoring"):
-        """The fitted preconditioner, or a ConfigError saying what to call first (the one guard)."""
-        if self.preconditioner is None:
-            raise ConfigError(f"call featurize(train_loader) (or use_features / from_store) before {what}")
-        return self.preconditioner
-
     def _scorer(self, options: ScoreOptions | None) -> Scorer:
-        self.fitted()
+        state = self.fitted()
         opts = options or self.score_options
         if opts.device is None:
             opts = dataclasses.replace(opts, device=str(self.score_device))
-        return Scorer(self.preconditioner, self.train_source, opts, self.progress, self._part())
+        return Scorer(state.preconditioner, state.train, opts, self.progress, self._shard())
 
     # ------------------------------------------------------------------ scores
     def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None,
@@ -261,7 +274,7 @@ class Attributor:
         folder = Path(path).resolve().parent
         if not folder.is_dir():
             raise ConfigError(f"out={path}: the folder {folder} does not exist; create it first.")
-        rank, world = self._part()
+        rank, world = self._shard()
         out = open_scores_memmap(path, (n_query, self.train_source.n)) if rank == 0 else None
         barrier(world)
         return out if out is not None else np.lib.format.open_memmap(path, mode="r+")
@@ -281,11 +294,10 @@ class Attributor:
     def train_ids(self) -> torch.Tensor:
         """(n_train,) dataset index of each score column (increasing; examples a collate function
         dropped are absent)."""
-        if self.store is not None:
-            if getattr(self, "_store_ids", None) is None:
-                self._store_ids = self.store.ids()
-            return self._store_ids
-        return self.train_source.row_ids()
+        state = self.fitted("train_ids")
+        if state.ids is None:
+            state.ids = state.train.row_ids()
+        return state.ids
 
     def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
         """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)
@@ -293,30 +305,18 @@ class Attributor:
         self.fitted("self_influence()")
         return self._scorer(options).self_influence()
 
-    def report(self, query, out: str | Path = "report.html", **kw) -> Path:
+    def report(self, query, out: str | Path = "report.html", options: ReportOptions | None = None, **kw) -> Path:
         """Write one self-contained HTML page to browse this attribution; returns its path.
 
         For each query (from the ``query`` DataLoader): the query (text or image), its label,
         prediction and loss, and its ``k`` most helpful and most harmful training examples with
         dataset ids, labels, scores and content; the most suspicious training examples; score
         histograms; the run's settings; what the sign means and any degenerate-run warnings.
-
-        k                      entries per side per query (default 10)
-        train_data, query_data map-style datasets to show examples from (default: the loaders')
-        render, query_render   render(example) -> str | image tensor | {"text", "image", "label"}
-                               (default: dropinf.report.default_render(tokenizer, label_names))
-        tokenizer, label_names for the default renderer (decode input_ids; class names)
-        predict                predict(model, batch) -> one prediction per example, shown per query
-        measure                the query-side function (dropinf.measures); default: the loss
-        suspicious             "self" (self-influence, default), "queries" (influence on the mean
-                               query: mislabel detection against clean queries), a validation
-                               DataLoader, or None
-        n_suspicious, marks    rows on that page; {train id: badge} or a bool array to mark
-                               (e.g. known flipped labels)
-        title                  the page title
+        ``options``: ReportOptions (k, renderers, tokenizer, label_names, predict, measure,
+        suspicious, marks, title); keyword arguments replace single fields of it.
         """
         from .report import attribution_report
-        return attribution_report(self, query, out, **kw)
+        return attribution_report(self, query, out, ReportOptions.of(options, **kw))
 
     def token_scores(self, query, measure: LossFn, options: ScoreOptions | None = None) -> np.ndarray:
         """Token-level influence, float32 (n_query, T, n_train): scores[q, t, i] is the influence of
@@ -339,8 +339,7 @@ class Attributor:
             feats = query
         else:
             feats = self.compute_features(query, desc="featurize query", measure=measure)
-        ref = self.store.manifest["signature"] if self.store is not None else self.train_features.signature
-        check_signatures(feats.signature, ref)
+        check_signatures(feats.signature, self.fitted().train.signature)
         if reduce == "mean":
             return feats.mean()
         if reduce != "none":

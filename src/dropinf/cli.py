@@ -33,12 +33,8 @@ def _add_estimator(p):
                         "hessian-free: plain gradient dot product; exact: the true Hessian by autograd, all layers "
                         "jointly (small models only; re-reads the entry's train data)")
     add_options(g, ESTIMATORS)
-    g.add_argument("--device", default=None, help="where fit and scoring run, e.g. cuda, cuda:1, cpu "
-                                                  "(default: the model's device)")
-    g.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="precision of the scoring products (default: %(default)s)")
-    g.add_argument("--query-batch", type=int, default=2048,
-                   help="queries scored together (memory grows with it; default: %(default)s)")
+    from .score import ScoreOptions
+    add_options(p.add_argument_group("scoring (from ScoreOptions)"), {"scoring": ScoreOptions})
     p.add_argument("--measure", default="loss",
                    help="the query side's function: 'loss' (default: the training loss) or a name in the entry's "
                         "'measures' dict (e.g. a margin or the log-probability of a completion; see dropinf.measures)")
@@ -55,8 +51,9 @@ def _measure(a, task):
 
 
 def _score_options(a):
+    from .options import build
     from .score import ScoreOptions
-    return ScoreOptions(device=a.device, dtype=a.dtype, query_batch=a.query_batch)
+    return build(ScoreOptions, a)
 
 
 def _experiments():
@@ -115,9 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(cg, COMPRESSORS)
     fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
                                                    "(default: every Linear)")
-    fz.add_argument("--chunk-size", type=int, default=4096, help="rows per shard (default: %(default)s)")
-    fz.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                    help="precision of the stored rows (half precision halves the disk; default: %(default)s)")
+    from .store.writer import StoreOptions
+    add_options(fz.add_argument_group("store (from StoreOptions)"), {"store": StoreOptions})
     fz.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     for name, hlp in (("score", "write the full (n_query, n_train) score matrix to a .npy memmap"),
@@ -141,13 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_entry(rep)
     _add_estimator(rep)
     rep.add_argument("--out", default="report.html", help="the HTML file to write (default: %(default)s)")
-    rep.add_argument("-k", type=int, default=10, help="training examples per side per query (default: %(default)s)")
-    rep.add_argument("--suspicious", choices=["self", "queries", "none"], default="self",
-                     help="rank training examples by self-influence (self), by influence on the mean query loss "
-                          "(queries: mislabel detection when the queries are a clean validation set), or skip that "
-                          "page (default: %(default)s)")
-    rep.add_argument("--n-suspicious", type=int, default=50, help="rows on the suspicious page (default: %(default)s)")
-    rep.add_argument("--title", default="dropinf attribution report", help="page title")
+    from .report.options import ReportOptions
+    add_options(rep.add_argument_group("report (from ReportOptions)"), {"report": ReportOptions})
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     info = sub.add_parser("info", help="what a store holds; verifies every shard's size and checksum and "
@@ -223,9 +214,11 @@ def _run(args) -> int:
             track = [t.strip() for t in track.split(",") if t.strip()]
         attr = Attributor(task.model, task.loss_fn, compressor=_compressor(args), track=track,
                           progress=not args.no_progress)
-        store = attr.featurize(task.loader("train"), store=args.store, chunk_size=args.chunk_size, dtype=args.dtype)
+        from .options import build
+        from .store.writer import StoreOptions
+        store = attr.featurize(task.loader("train"), store=build(StoreOptions, args, path=args.store))
         from .dist import dist_info
-        if dist_info()[0] == 0:
+        if dist_info().rank == 0:
             print(json.dumps(store.info(), indent=1))
         return 0
     # the train loader: for estimators that refit from the model (exact, lissa --lissa-hvp model) and for
@@ -236,20 +229,21 @@ def _run(args) -> int:
     q = task.loader("query")
     measure = _measure(args, task)
     if args.cmd == "report":
-        sus = {"none": None}.get(args.suspicious, args.suspicious)
-        path = attr.report(q, args.out, k=args.k, measure=measure, suspicious=sus, n_suspicious=args.n_suspicious,
-                           title=args.title, **task.report_options())
+        from .options import build
+        from .report.options import ReportOptions
+        opts = ReportOptions.of(build(ReportOptions, args, measure=measure), **task.report_options())
+        path = attr.report(q, args.out, opts)
         print(f"wrote {path}: open it in a browser. {SIGN}")
         return 0
     if args.cmd == "score":
         out = attr.score(q, reduce=args.reduce, out=args.out, measure=measure)    # torchrun-aware memmap
         from .dist import dist_info
-        if dist_info()[0] == 0:
+        if dist_info().rank == 0:
             print(f"wrote {args.out}: float32 {tuple(out.shape)}. {SIGN}")
         return 0
     top = attr.topk(q, k=args.k, reduce=args.reduce, measure=measure)
     from .dist import dist_info
-    if dist_info()[0] != 0:
+    if dist_info().rank != 0:
         return 0
     text = json.dumps(top.as_dict())
     if args.out:

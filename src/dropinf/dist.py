@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import atexit
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun (gloo on CPU,
+class Shard(NamedTuple):
+    """This process's share of every pass over rows: chunks k with k % world == rank."""
+    rank: int = 0
+    world: int = 1
+
+
+def dist_info() -> Shard:
+    """Shard(rank, world size); initialises the process group when launched by torchrun (gloo on CPU,
     nccl on GPU, after ``torch.cuda.set_device(LOCAL_RANK)``)."""
     if not dist.is_available():
-        return 0, 1
+        return Shard()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -30,8 +37,8 @@ def dist_info() -> tuple[int, int]:
         # without an active exception", SIGABRT) after finishing its work
         atexit.register(_close)
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
 
 
 def _close() -> None:

@@ -87,10 +87,10 @@ def add_options(group, family: dict[str, type]) -> None:
             group.add_argument(*e["flags"], dest=dest, type=extra, default=default, help=help_text)
 
 
-def build(cls, args: argparse.Namespace):
+def build(cls, args: argparse.Namespace, **fixed):
     """An instance of ``cls`` from parsed flags: every documented field that the command line set
-    (a shared flag left at None keeps the class's own default)."""
-    kwargs = {}
+    (a shared flag left at None keeps the class's own default); ``fixed`` fields given as they are."""
+    kwargs = dict(fixed)
     for f in cli_fields(cls):
         if not hasattr(args, f.name):
             continue

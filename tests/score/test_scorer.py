@@ -9,6 +9,7 @@ import torch
 from dropinf import (Attributor, DataInf, Dropout, ExactHessian, GaussNewton, GradDot, Identity, LiSSA,
                      ScoreOptions)
 from tests.store import fixture
+from dropinf.store.writer import StoreOptions
 
 
 def task(n=230):
@@ -103,7 +104,7 @@ def test_store_memory_query_batched_and_dense_formula_agree(tmp_path, name):
     np.testing.assert_allclose(mem.score(qf, options=small), want, **tol)
     # streamed from a store (shards of 40 rows), float64 products
     disk = Attributor(t["model"], t["loss_fn"], compressor=comp, estimator=est, progress=False)
-    disk.featurize(train, store=tmp_path / "s", chunk_size=40)
+    disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=40))
     np.testing.assert_allclose(disk.score(qf, options=ScoreOptions(dtype="float64", query_batch=7)), want, **tol)
     # self-influence is the diagonal of the train × train score matrix, on both paths
     full = dense_scores(dense_matrices(name, feats.data, t["model"], t["loss_fn"], train, mem), feats.data, feats.data)
@@ -127,7 +128,7 @@ def test_kernel_form_when_r_exceeds_n_equals_dense_formula(tmp_path, name):
     tol = dict(rtol=1e-3, atol=1e-4 * np.abs(want).max())
     np.testing.assert_allclose(mem.score(qf, options=ScoreOptions(dtype="float64")), want, **tol)
     disk = Attributor(t["model"], t["loss_fn"], compressor=Identity(), estimator=est, progress=False)
-    disk.featurize(train, store=tmp_path / "s", chunk_size=16)
+    disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=16))
     np.testing.assert_allclose(disk.score(qf, options=ScoreOptions(dtype="float64", query_batch=4)), want, **tol)
     full = dense_scores(dense_matrices(name, feats.data), feats.data, feats.data)
     np.testing.assert_allclose(disk.self_influence(ScoreOptions(dtype="float64")), np.diag(full), rtol=1e-3,
@@ -138,7 +139,7 @@ def test_kernel_form_when_r_exceeds_n_equals_dense_formula(tmp_path, name):
 def test_per_layer_scores_sum_to_the_total(tmp_path, name):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=ESTIMATORS[name], progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=64)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=64))
     total = attr.score(query)
     parts = attr.score(query, per_layer=True)
     assert sorted(parts) == ["0", "2"] and all(p.shape == total.shape for p in parts.values())
@@ -149,7 +150,7 @@ def test_per_layer_scores_sum_to_the_total(tmp_path, name):
 def test_topk_and_mean_query_through_the_same_scorer(tmp_path):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=33)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=33))
     dense = attr.score(query)
     top = attr.topk(query, k=5, options=ScoreOptions(query_batch=4))
     np.testing.assert_array_equal(top.harmful_idx, np.argsort(-dense, 1, kind="stable")[:, :5])
@@ -158,7 +159,7 @@ def test_topk_and_mean_query_through_the_same_scorer(tmp_path):
     np.testing.assert_allclose(mean[0], dense.mean(0), rtol=1e-4, atol=1e-6 * np.abs(dense).max())
     # a store of query features is a query source too (for more queries than fit in memory)
     qattr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    qstore = qattr.featurize(query, store=tmp_path / "q", chunk_size=6)
+    qstore = qattr.featurize(query, store=StoreOptions(tmp_path / "q", chunk_size=6))
     np.testing.assert_allclose(attr.score(qstore), dense, rtol=1e-4, atol=1e-6 * np.abs(dense).max())
 
 

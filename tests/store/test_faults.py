@@ -14,6 +14,7 @@ from dropinf import Attributor, Dropout, FeatureMismatchError, GradDot
 from dropinf.store import disk, files
 from dropinf.store.disk import FeatureStore, StoreError
 from tests.store import fixture
+from dropinf.store.writer import StoreOptions
 
 
 def task():
@@ -33,11 +34,11 @@ def test_full_disk_while_writing_a_shard_is_a_clear_error_and_resumable(tmp_path
     monkeypatch.setattr(files.os, "replace", flaky_replace)
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12), progress=False)
     with pytest.raises(StoreError, match=r"no space left.*000002\.bin.*bytes needed.*re-run the same command"):
-        attr.featurize(train, store=tmp_path / "s", chunk_size=50)
+        attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
     assert not list((tmp_path / "s").rglob("*.tmp"))              # nothing partial kept
     assert not (tmp_path / "s" / "chunks" / "000002.json").exists()
     monkeypatch.setattr(files.os, "replace", real_replace)
-    store = attr.featurize(train, store=tmp_path / "s", chunk_size=50)      # space freed: resume
+    store = attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))      # space freed: resume
     assert store.manifest["complete"] and store.n == 230
 
 

@@ -10,6 +10,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from dropinf import Attributor, ConfigError, Dropout
 from tests.store import fixture
+from dropinf.store.writer import StoreOptions
 
 
 def drop_label_zero(items):
@@ -31,7 +32,7 @@ def test_filtering_collate_store_and_memory_agree_on_rows_ids_and_scores(tmp_pat
     feats = mem.featurize(train)
     assert feats.n == len(kept) < 230 and feats.ids.tolist() == kept
     disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    store = disk.featurize(train, store=tmp_path / "s", chunk_size=50)
+    store = disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
     assert store.n == len(kept) and store.n_examples == 230
     assert store.ids().tolist() == kept and disk.train_ids.tolist() == kept
     for name in feats.layer_names():

@@ -8,17 +8,18 @@ from dropinf import Dropout, FeatureMismatchError, Featurizer
 from dropinf.store import RowSource, check_signatures
 from dropinf.store.writer import featurize_to_store
 from tests.store import fixture
+from dropinf.store.writer import StoreOptions
 
 
 def _both(tmp_path):
     t = fixture.build()
     loader = torch.utils.data.DataLoader(t["train"], batch_size=16)
     f = Featurizer(t["model"], t["loss_fn"], compressor=Dropout(r=12), progress=False)
-    return f, f.features(loader), featurize_to_store(f, loader, tmp_path / "s", chunk_size=50)
+    return f, f.features(loader), featurize_to_store(f, loader, StoreOptions(tmp_path / "s", chunk_size=50))
 
 
-def _rows(source, part=(0, 1), rows=None):
-    got = list(source.iter_chunks(part=part, rows=rows))
+def _rows(source, shard=(0, 1), rows=None):
+    got = list(source.iter_chunks(shard=shard, rows=rows))
     return [s for s, _ in got], {l: torch.cat([c[l] for _, c in got]) for l in source.layer_names()}
 
 
@@ -33,8 +34,8 @@ def test_memory_and_store_answer_alike(tmp_path):
         torch.testing.assert_close(a[l], b[l])
         torch.testing.assert_close(mem.mean().data[l], store.mean().data[l], rtol=1e-6, atol=1e-7)
     # a rank's share: the blocks k ≡ rank (mod world), for either source
-    starts_mem, _ = _rows(mem, part=(1, 2), rows=50)
-    starts_store, _ = _rows(store, part=(1, 2))
+    starts_mem, _ = _rows(mem, shard=(1, 2), rows=50)
+    starts_store, _ = _rows(store, shard=(1, 2))
     assert starts_mem == starts_store == [50, 150]
 
 

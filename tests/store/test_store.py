@@ -10,6 +10,7 @@ from dropinf import (Attributor, DataInf, Dropout, FeatureMismatchError, Gaussia
                      ScoreOptions)
 from dropinf.store.disk import FeatureStore, StoreError
 from tests.store import fixture
+from dropinf.store.writer import StoreOptions
 
 
 def task():
@@ -25,7 +26,7 @@ def test_store_scores_equal_in_memory(tmp_path, est):
     mem.featurize(train)
     want = mem.score(query)
     disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), estimator=est, progress=False)
-    store = disk.featurize(train, store=tmp_path / "s", chunk_size=50)
+    store = disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
     assert store.n == 230 and store.n_chunks == 5 and store.manifest["complete"]
     np.testing.assert_allclose(disk.score(query), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(disk.self_influence(), mem.self_influence(), rtol=1e-4, atol=1e-6)
@@ -39,14 +40,14 @@ def test_store_falls_back_to_memory_for_row_estimators(tmp_path):
     mem = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=LiSSA(), progress=False)
     mem.featurize(train)
     disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=LiSSA(), progress=False)
-    disk.featurize(train, store=tmp_path / "s", chunk_size=64)
+    disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=64))
     np.testing.assert_allclose(disk.score(query), mem.score(query), rtol=1e-4, atol=1e-6)
 
 
 def test_blockwise_topk_equals_dense_topk(tmp_path):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=24), progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=37)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=37))
     out = np.lib.format.open_memmap(tmp_path / "scores.npy", mode="w+", dtype=np.float32, shape=(20, 230))
     attr.score(query, out=out)
     dense = np.load(tmp_path / "scores.npy")
@@ -66,9 +67,9 @@ def test_blockwise_topk_equals_dense_topk(tmp_path):
 def test_half_precision_stores(tmp_path, dtype):
     t, train, query = task()
     a32 = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    a32.featurize(train, store=tmp_path / "f32", chunk_size=100)
+    a32.featurize(train, store=StoreOptions(tmp_path / "f32", chunk_size=100))
     a16 = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    st = a16.featurize(train, store=tmp_path / dtype, chunk_size=100, dtype=dtype)
+    st = a16.featurize(train, store=StoreOptions(tmp_path / dtype, chunk_size=100, dtype=dtype))
     assert st.data_path(0).stat().st_size * 2 == a32.store.data_path(0).stat().st_size
     s32, s16 = a32.score(query).ravel(), a16.score(query).ravel()
     assert np.corrcoef(s32, s16)[0, 1] > 0.99
@@ -83,10 +84,10 @@ def test_half_precision_stores(tmp_path, dtype):
 def test_store_refuses_other_settings(tmp_path, change, field):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     other = Attributor(t["model"], t["loss_fn"], progress=False, **{"compressor": Dropout(r=20), **change})
     with pytest.raises(FeatureMismatchError, match=field.replace(".", r"\.")):
-        other.featurize(train, store=tmp_path / "s", chunk_size=100)     # same folder, other settings
+        other.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))     # same folder, other settings
     with pytest.raises(FeatureMismatchError, match=field.split(".")[0]):
         attr.score(other.compute_features(query))                     # query features from elsewhere
 
@@ -103,7 +104,7 @@ def test_store_refuses_another_model(tmp_path):
 def test_truncated_and_corrupted_shards_are_named(tmp_path):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     shard = tmp_path / "s" / "chunks" / "000001.bin"
     data = shard.read_bytes()
     shard.write_bytes(data[:-4])
@@ -121,7 +122,7 @@ def test_truncated_and_corrupted_shards_are_named(tmp_path):
 def test_incomplete_store_is_refused_and_resumed(tmp_path):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     full = {p.name: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     # simulate a kill: chunk 2 never finished, manifest not finalized
     (tmp_path / "s" / "chunks" / "000002.json").unlink()
@@ -130,7 +131,7 @@ def test_incomplete_store_is_refused_and_resumed(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match=r"incomplete: chunks \[2\]"):
         Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     again = {p.name: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
     assert again == full
 
@@ -138,7 +139,7 @@ def test_incomplete_store_is_refused_and_resumed(tmp_path):
 def test_logra_store_and_empty_loader(tmp_path):
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=LoGra(r_in=3, r_out=2), progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=100)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     assert attr.score(query).shape == (20, 230)
     from dropinf.errors import ConfigError, EmptyDataError
     empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 12), torch.zeros(0).long()))
@@ -152,7 +153,7 @@ def test_logra_store_and_empty_loader(tmp_path):
 def test_from_store_loads_the_saved_preconditioner_without_reading_rows(tmp_path, capsys):
     t, train, query = task()
     first = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=DataInf(), progress=False)
-    first.featurize(train, store=tmp_path / "s", chunk_size=50)
+    first.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
     want = first.score(query)
     saved = list((tmp_path / "s" / "precond").glob("datainf-*.npz"))
     assert len(saved) == 1
@@ -177,7 +178,7 @@ def test_each_shard_is_checksummed_once_per_open(tmp_path, monkeypatch):
     from dropinf.store import disk
     t, train, query = task()
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False)
-    attr.featurize(train, store=tmp_path / "s", chunk_size=50)
+    attr.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
     calls = []
     real = disk._checksum_ok
     monkeypatch.setattr(disk, "_checksum_ok", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -191,7 +192,7 @@ def test_from_store_with_exact_hessian_needs_and_uses_the_train_loader(tmp_path)
     from dropinf import ConfigError, ExactHessian, Identity
     t, train, query = task()
     Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), progress=False).featurize(
-        train, store=tmp_path / "s", chunk_size=100)
+        train, store=StoreOptions(tmp_path / "s", chunk_size=100))
     with pytest.raises(ConfigError, match="train_loader"):
         Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"], estimator=ExactHessian(damping=0.1),
                               progress=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..capture.layers import LayerSpec
+from ..dist import Shard
 from ..errors import ConfigError, IncompatibleMethodError
 from .preconditioner import Preconditioner
 
@@ -30,7 +31,7 @@ class FitContext:
     """What an estimator may need besides the train rows.
 
     device:  where statistics and factorisations run (default CPU)
-    part:    (rank, world) under torchrun: this process reads chunks k ≡ rank (mod world)
+    shard:   (rank, world) under torchrun (dist.Shard): this process reads chunks k ≡ rank (mod world)
     model, loss_fn, layers, compressors, compressor, train_loader: for the estimators that re-run
              the model (ExactHessian, LiSSA(hvp="model")); to_device moves a batch to the model."""
 
@@ -42,7 +43,7 @@ class FitContext:
     train_loader: Optional[Any] = None
     progress: bool = False
     device: Any = "cpu"
-    part: tuple[int, int] = (0, 1)
+    shard: Shard = Shard()
     to_device: Callable = lambda b: b
 
 

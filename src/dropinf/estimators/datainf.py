@@ -33,7 +33,7 @@ class DataInf:
         ctx = ctx_or_default(ctx)
         n, names = train.n, train.layer_names()
         kern = kernel_layers(train)
-        kw = dict(device=ctx.device, part=ctx.part, progress=ctx.progress)
+        kw = dict(device=ctx.device, shard=ctx.shard, progress=ctx.progress)
         if self.damping is None:
             first = gram_pass(train, gram=False, kernel_layers=kern, **kw)
             sums = first.sumsq

@@ -44,7 +44,7 @@ class GaussNewton:
         ctx = ctx_or_default(ctx)
         n = train.n
         kern = kernel_layers(train)
-        st = gram_pass(train, device=ctx.device, part=ctx.part, kernel_layers=kern, progress=ctx.progress)
+        st = gram_pass(train, device=ctx.device, shard=ctx.shard, kernel_layers=kern, progress=ctx.progress)
         blocks, dropped, mean_eig = [], [], {}
         for name in train.layer_names():
             # trace(G̃ᵀG̃/n)/r: the mean eigenvalue of H̃_l, beside λ_l for the damping diagnostic

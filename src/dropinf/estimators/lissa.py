@@ -70,7 +70,7 @@ class LiSSA:
         n = train.n
         model_hvp = self.hvp == "model"
         kern = kernel_layers(train, enabled=not model_hvp)
-        st = gram_pass(train, device=ctx.device, part=ctx.part, gram=not model_hvp, kernel_layers=kern,
+        st = gram_pass(train, device=ctx.device, shard=ctx.shard, gram=not model_hvp, kernel_layers=kern,
                        progress=ctx.progress)
         lams = {l: layer_damping(st.sumsq[l], n, train.damping_dim(l), self.damping_factor, self.damping)
                 for l in train.layer_names()}

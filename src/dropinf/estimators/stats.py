@@ -43,13 +43,13 @@ class Stats:
 Weights = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = True,
+def gram_pass(source, *, device, shard: tuple[int, int] = (0, 1), gram: bool = True,
               weights: Weights | None = None, kernel_layers=(), progress: bool = False,
               desc: str = "precondition") -> Stats:
     """Σ‖g‖² per layer and (if ``gram``) Gᵀ diag(w) G, w = weights(layer, chunk rows) or 1.
     ``kernel_layers``: layers whose rows are kept whole instead of a Gram matrix."""
     device = torch.device(device)
-    rank, world = part
+    rank, world = shard
     names = source.layer_names()
     kernel_layers = set(kernel_layers)
     n = source.n
@@ -62,7 +62,7 @@ def gram_pass(source, *, device, part: tuple[int, int] = (0, 1), gram: bool = Tr
     rows = {l: (source.data[l] if in_place else torch.empty(n, source.layer_r(l), device=device))
             for l in kernel_layers}
     # kernel layers need every row on every rank; otherwise each rank reads only its share
-    chunks = source.iter_chunks() if (kernel_layers and world > 1) else source.iter_chunks(part=part)
+    chunks = source.iter_chunks() if (kernel_layers and world > 1) else source.iter_chunks(shard=shard)
     seen = 0
     with tqdm(total=n, desc=desc, unit="ex", leave=False, disable=not progress) as bar:
         for k, (start, chunk) in enumerate(chunks):

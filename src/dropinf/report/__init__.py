@@ -2,12 +2,13 @@
 
     attr.report(query_loader, "report.html", k=10, tokenizer=tok)    # or: dropinf report ENTRY ...
 
-``build.attribution_report`` gathers the data, ``html.write_html`` writes one self-contained
-file, ``content`` renders examples (text, images, labels), ``diagnose`` flags degenerate runs.
+``page.attribution_report`` gathers the data, ``html.write_html`` writes one self-contained
+file (its options: ``options.ReportOptions``), ``content`` renders examples (text, images, labels), ``diagnose`` flags degenerate runs.
 """
 
+from .options import ReportOptions
 from .page import attribution_report
 from .content import default_render
 from .diagnose import SIGN, Finding, diagnose
 
-__all__ = ["attribution_report", "default_render", "diagnose", "Finding", "SIGN"]
+__all__ = ["attribution_report", "ReportOptions", "default_render", "diagnose", "Finding", "SIGN"]

@@ -24,6 +24,7 @@ from ..store.featurizer import to_device
 from .content import default_render, show
 from .diagnose import SIGN, diagnose
 from .html import histogram_svg, write_html
+from .options import ReportOptions
 
 HIST_CELLS = 20_000_000     # at most this many scores are held for the histograms
 
@@ -68,19 +69,17 @@ def _settings(attr, measure_name: str, n_query: int) -> list[list]:
             ["written", f"{datetime.datetime.now():%Y-%m-%d %H:%M} by dropinf {__version__}"]]
 
 
-def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *, k: int = 10,
-                       train_data=None, query_data=None, render: Callable | None = None,
-                       query_render: Callable | None = None, tokenizer=None, label_names=None,
-                       predict: Callable | None = None, measure: Callable | None = None,
-                       suspicious: str | Iterable = "self", n_suspicious: int = 50, marks=None,
-                       title: str = "dropinf attribution report") -> Path:
-    """Write the report; returns its path. See ``Attributor.report`` for the arguments."""
+def attribution_report(attr, query: Iterable, out: str | Path = "report.html",
+                       options: ReportOptions | None = None) -> Path:
+    """Write the report; returns its path. ``options``: ReportOptions (report.options)."""
     attr.fitted("report()")
-    if k < 1:
-        raise ConfigError("k must be ≥ 1")
+    o = ReportOptions.of(options)
+    k, render, measure, predict, marks = o.k, o.render, o.measure, o.predict, o.marks
+    suspicious, n_suspicious = (None if o.suspicious == "none" else o.suspicious), o.n_suspicious
+    train_data, query_data, query_render = o.train_data, o.query_data, o.query_render
     train_ds = _dataset(attr.train_loader, train_data, "train")
     query_ds = _dataset(query, query_data, "query")
-    render = render or default_render(tokenizer, label_names)
+    render = render or default_render(o.tokenizer, o.label_names)
     query_render = query_render or render
     mark = _marks(marks)
 
@@ -160,7 +159,7 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html", *
         hists.append(histogram_svg(vals, "Suspicion scores of every training example"
                                    + (" (red: marked)" if flagged is not None else ""), marked=flagged))
         del sus["values"]
-    data = {"title": title, "sign": SIGN, "measure": mname,
+    data = {"title": o.title, "sign": SIGN, "measure": mname,
             "findings": [{"level": f.level, "text": f.text()} for f in findings],
             "settings": _settings(attr, mname, qf.n), "queries": queries, "train": train, "suspicious": sus}
     path = write_html(out, data, hists)

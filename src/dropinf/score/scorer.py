@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..dist import all_gather_objects, all_reduce_sum, barrier
+from ..dist import Shard, all_gather_objects, all_reduce_sum, barrier
 from ..errors import ConfigError
+from ..options import option
 from .topk import RunningTopK, TopK, topk_merge
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -40,10 +41,10 @@ class ScoreOptions:
     train_batch: train rows per streamed block when the train features are in memory (a store
                  streams its own shards)"""
 
-    device: str | None = None
-    dtype: Literal["float32", "float64"] = "float32"
-    query_batch: int = 2048
-    train_batch: int = 16384
+    device: str | None = option(None, "where fit and scoring run, e.g. cuda, cuda:1, cpu (default: the model's device)")
+    dtype: Literal["float32", "float64"] = option("float32", "precision of the scoring products")
+    query_batch: int = option(2048, "queries scored together (memory grows with it)")
+    train_batch: int = option(16384, "train rows per streamed block when the train rows are in memory")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -52,8 +53,8 @@ class ScoreOptions:
             raise ConfigError("ScoreOptions.query_batch and train_batch must be ≥ 1")
 
 
-def _chunks(source, rows: int, part=(0, 1)):
-    return source.iter_chunks(part=part, rows=rows)
+def _chunks(source, rows: int, shard=(0, 1)):
+    return source.iter_chunks(shard=shard, rows=rows)
 
 
 def _adjacent(chunk: dict, layers: list[str]) -> torch.Tensor | None:
@@ -84,7 +85,7 @@ class Scorer:
     """Scores of query rows against the train rows a Preconditioner was fitted on."""
 
     def __init__(self, precond, train, options: ScoreOptions | None = None, progress: bool = True,
-                 part: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1)):
         if train.n != precond.n:
             raise ConfigError(f"the preconditioner was fitted on {precond.n} train rows but the train source "
                               f"has {train.n}; refit it (Attributor.fit()).")
@@ -92,7 +93,7 @@ class Scorer:
         self.opts = options or ScoreOptions()
         self.device = torch.device(self.opts.device or "cpu")
         self.dtype = DTYPES[self.opts.dtype]
-        self.progress, self.part = progress, part
+        self.progress, self.shard = progress, Shard(*shard)
         self.layers = [l for l in train.layer_names() if l in set(precond.layers)]
         if not self.layers:
             raise ConfigError("every tracked layer was dropped (all-zero gradients): there is nothing to score. "
@@ -108,12 +109,12 @@ class Scorer:
     def blocks(self, query, per_layer: bool = False):
         """Yield (q0, t0, S) with S (m_b, rows) the scores of one query batch × train chunk — or,
         with per_layer, {layer: S_l} whose sum is S."""
-        total = query.n * self.train.n // max(1, self.part[1])
+        total = query.n * self.train.n // max(1, self.shard.world)
         with tqdm(total=total, desc="score", unit="pair", unit_scale=True, disable=not self.progress) as bar:
             for q0, pre in self._queries(query):
                 neg = {l: -v for l, v in pre.items()}           # S = (−q̃) Gᵀ: one matmul per block
                 qcat = _concat(neg, self.layers)
-                for t0, chunk in _chunks(self.train, self.opts.train_batch, self.part):
+                for t0, chunk in _chunks(self.train, self.opts.train_batch, self.shard):
                     if per_layer:
                         s = {l: neg[l] @ chunk[l].to(self.device, self.dtype).T for l in self.layers}
                         rows = next(iter(s.values())).shape[1]
@@ -133,7 +134,7 @@ class Scorer:
         """(n_query, n_train) float32 scores (into ``out`` if given, e.g. an .npy memmap), or with
         per_layer a dict {layer: (n_query, n_train)} summing to them."""
         m, n = query.n, self.train.n
-        world = self.part[1]
+        world = self.shard.world
         if per_layer:
             outs = {l: np.zeros((m, n), dtype=np.float32) for l in self.layers}
         else:
@@ -180,7 +181,7 @@ class Scorer:
         empty = {"idx": np.zeros((query.n, 0), dtype=np.int64), "scores": np.zeros((query.n, 0), dtype=np.float32)}
         local = TopK(*(np.concatenate([getattr(p, f) for _, p in parts]) if parts else empty[f.split("_")[1]]
                        for f in ("helpful_idx", "helpful_scores", "harmful_idx", "harmful_scores")))
-        world = self.part[1]
+        world = self.shard.world
         if world == 1:
             return local
         merged = all_gather_objects(local, world)
@@ -196,10 +197,10 @@ class Scorer:
 
     def self_influence(self) -> np.ndarray:
         """I(i, i) for every train row, (n_train,) float32: O(n·R²) for every estimator."""
-        n, world = self.train.n, self.part[1]
+        n, world = self.train.n, self.shard.world
         out = torch.zeros(n, dtype=torch.float64)
         with tqdm(total=n // world, desc="self-influence", unit="ex", disable=not self.progress) as bar:
-            for t0, chunk in _chunks(self.train, self.opts.train_batch, self.part):
+            for t0, chunk in _chunks(self.train, self.opts.train_batch, self.shard):
                 s = self.precond.self_scores(chunk, t0, self.device, self.dtype)
                 out[t0:t0 + s.shape[0]] = s.cpu()
                 bar.update(s.shape[0])

@@ -13,25 +13,45 @@ as Dropout's ``r``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Literal
 
 from ..capture.functional import batch_size
 from ..compress.budget import RULES, allocate
 from ..compress.dropout import Dropout
 from ..errors import ConfigError
+from ..options import option
 from .featurizer import Featurizer
 
 
-def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, rule: str = "energy",
-                 rotate: bool = True, pilot_examples: int = 256, pilot_r: int = 512, min_r: int = 8,
-                 seed: int = 0, progress: bool = False) -> dict[str, int]:
+@dataclass(frozen=True)
+class BudgetOptions:
+    """How ``split_budget`` splits the total (see the module's docstring)."""
+
+    rule: Literal["energy", "sqrt-energy", "uniform"] = option(
+        "energy", "r_l ∝ E‖g_l‖² (energy), its square root, or the same r everywhere (uniform)")
+    rotate: bool = option(True, "the budget is for Dropout(rotate=True) (caps: the rotated coordinates) "
+                                "rather than plain Dropout (caps: d_l)")
+    pilot_examples: int = option(256, "examples in the pilot pass (from the start of the loader)")
+    pilot_r: int = option(512, "coordinates per layer the pilot pass keeps to estimate E‖g_l‖²")
+    min_r: int = option(8, "the fewest coordinates any layer gets")
+    seed: int = option(0, "seed of the pilot pass's random coordinates")
+
+
+def split_budget(model, loss_fn, loader: Iterable, total: int, track=None, options: BudgetOptions | None = None,
+                 progress: bool = False, **kw) -> dict[str, int]:
     """{layer: r} with Σ r = total, from a pilot pass over the first ``pilot_examples`` of ``loader``.
-
-    rule: "energy" (r_l ∝ E‖g_l‖²), "sqrt-energy" or "uniform". rotate: the budget is for
-    Dropout(rotate=True) (caps are the rotated coordinates) or plain Dropout (caps d_l)."""
-
+    ``options``: BudgetOptions; keyword arguments replace single fields of it."""
+    try:
+        o = dataclasses.replace(options or BudgetOptions(), **kw)
+    except TypeError as exc:
+        raise ConfigError(f"split_budget: {exc}; BudgetOptions has "
+                          f"{[f.name for f in dataclasses.fields(BudgetOptions)]}") from None
+    rule, rotate, pilot_examples, pilot_r, min_r, seed = (o.rule, o.rotate, o.pilot_examples, o.pilot_r,
+                                                          o.min_r, o.seed)
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {sorted(RULES)}, got {rule!r}")
     if not isinstance(total, int) or total < 1:

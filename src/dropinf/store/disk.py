@@ -261,11 +261,11 @@ class FeatureStore:
                 parts.append(torch.arange(*self.rows(k)))
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None, verify: bool = True
+    def iter_chunks(self, shard: tuple[int, int] = (0, 1), rows: int | None = None, verify: bool = True
                     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(first row, {layer: (rows, r_l)}) per shard, in order (``rows`` is ignored: the blocks are
-        the shards); ``part=(rank, world)`` yields only the shards k with k % world == rank."""
-        rank, world = part
+        the shards); ``shard=(rank, world)`` yields only the shards k with k % world == rank."""
+        rank, world = shard
         for k in range(rank, self.n_chunks, world):
             yield self.offsets[k], self.read_chunk(k, verify)
 

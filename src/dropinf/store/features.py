@@ -60,10 +60,10 @@ class Features:
     def layer_r(self, name: str) -> int:
         return self.data[name].shape[1]
 
-    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]:
+    def iter_chunks(self, shard: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]:
         """(first row, {layer: (rows, r_l) view}) over blocks of ``rows`` examples (default 8192); with
-        ``part=(rank, world)`` only blocks k with k % world == rank."""
-        rank, world = part
+        ``shard=(rank, world)`` only blocks k with k % world == rank."""
+        rank, world = shard
         rows = rows or 8192
         for k, s in enumerate(range(0, self.n, rows)):
             if k % world == rank:
@@ -80,7 +80,7 @@ class RowSource(Protocol):
     """Compressed train (or query) rows that can be streamed: in memory (Features) or on disk
     (store.disk.FeatureStore). Every fit and every score pass goes through this seam.
 
-    iter_chunks(part=(rank, world), rows=None): (first row, {layer: (rows, r_l)}) blocks in row
+    iter_chunks(shard=(rank, world), rows=None): (first row, {layer: (rows, r_l)}) blocks in row
     order — ``rows`` a block size where the source can choose it (a store's blocks are its shards).
     row_ids(): (n,) dataset id of every row. mean(): one in-memory row, the mean over rows
     (paper eq. 1's query)."""
@@ -94,7 +94,7 @@ class RowSource(Protocol):
 
     def damping_dim(self, name: str) -> int: ...
 
-    def iter_chunks(self, part: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]: ...
+    def iter_chunks(self, shard: tuple[int, int] = (0, 1), rows: int | None = None) -> Iterator[tuple[int, dict]]: ...
 
     def row_ids(self) -> torch.Tensor: ...
 

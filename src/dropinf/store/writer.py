@@ -11,6 +11,9 @@ rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a ba
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import SequentialSampler
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 from ..capture.engine import raise_nonfinite
 from ..dist import barrier as _barrier, dist_info
 from ..errors import ConfigError, EmptyDataError
+from ..options import option
 from .disk import FeatureStore, LayerCols
 from .ids import chunk_loader
 
@@ -33,9 +37,27 @@ def check_loader(loader) -> None:
                           "batch_size=B, shuffle=False) (no custom sampler / batch_sampler).")
 
 
-def featurize_to_store(featurizer, loader, path, chunk_size: int = 4096, dtype: str = "float32") -> FeatureStore:
-    """Every row of ``loader`` from ``featurizer`` (store.featurizer.Featurizer) into the store at ``path``."""
-    f = featurizer
+@dataclass(frozen=True)
+class StoreOptions:
+    """The store phase's options: ``featurize(loader, store=StoreOptions(path, chunk_size=…))``
+    (a plain path means these defaults)."""
+
+    path: str | Path
+    chunk_size: int = option(4096, "rows per shard: the unit that is written, resumed after an interruption "
+                                   "and split across torchrun processes")
+    dtype: Literal["float32", "float16", "bfloat16"] = option(
+        "float32", "precision of the stored rows (half precision halves the disk)")
+
+    @classmethod
+    def of(cls, store: "str | Path | StoreOptions") -> "StoreOptions":
+        return store if isinstance(store, StoreOptions) else cls(store)
+
+
+def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -> FeatureStore:
+    """Every row of ``loader`` from ``featurizer`` (store.featurizer.Featurizer) into the store
+    ``store`` (a folder, or StoreOptions)."""
+    f, opts = featurizer, StoreOptions.of(store)
+    path, chunk_size, dtype = opts.path, opts.chunk_size, opts.dtype
     check_loader(loader)
     ds = loader.dataset
     n = len(ds)
