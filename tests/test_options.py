@@ -78,3 +78,30 @@ def test_cli_builds_the_same_objects_as_before():
         Dropout(r=32, rotate=True)
     assert _compressor(parse(["featurize", "m:f", "--store", "s", "--compressor", "logra", "--r-in", "4"])) == \
         LoGra(r_in=4)
+
+
+def test_phase_options_refuse_unknown_fields_and_keep_keyword_sugar():
+    from dropinf import BudgetOptions, ConfigError, ReportOptions
+    from dropinf.store.budget import split_budget
+    assert ReportOptions.of(None, k=3, title="t") == ReportOptions(k=3, title="t")
+    with pytest.raises(ConfigError, match="unknown option.*'kk'"):
+        ReportOptions.of(None, kk=3)
+    with pytest.raises(ConfigError, match="k must be"):
+        ReportOptions.of(ReportOptions(), k=0)
+    with pytest.raises(ConfigError, match="BudgetOptions has"):
+        split_budget(None, None, [], 10, options=BudgetOptions(), pilot=3)
+
+
+def test_store_report_and_scoring_flags_come_from_their_dataclasses():
+    from dropinf.report.options import ReportOptions
+    from dropinf.score import ScoreOptions
+    from dropinf.store.writer import StoreOptions
+    for cmd, cls in (("featurize", StoreOptions), ("report", ReportOptions), ("score", ScoreOptions)):
+        sub = build_parser()._subparsers._group_actions[0].choices[cmd]
+        flags = {s for a in sub._actions for s in a.option_strings}
+        for f in cli_fields(cls):
+            assert ("-k" if f.name == "k" else "--" + f.name.replace("_", "-")) in flags, (cmd, f.name)
+    args = build_parser().parse_args(["featurize", "m:f", "--store", "s", "--chunk-size", "7", "--dtype", "float16"])
+    assert build(StoreOptions, args, path=args.store) == StoreOptions("s", chunk_size=7, dtype="float16")
+    args = build_parser().parse_args(["report", "m:f", "--store", "s", "--suspicious", "none", "-k", "4"])
+    assert build(ReportOptions, args) == ReportOptions(k=4, suspicious="none")

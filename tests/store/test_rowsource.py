@@ -1,14 +1,13 @@
 """The RowSource contract: in-memory Features and an on-disk FeatureStore of the same rows answer
-the same calls the same way (iter_chunks(part, rows), row_ids(), mean(), the signature)."""
+the same calls the same way (iter_chunks(shard, rows), row_ids(), mean(), the signature)."""
 
 import pytest
 import torch
 
 from dropinf import Dropout, FeatureMismatchError, Featurizer
 from dropinf.store import RowSource, check_signatures
-from dropinf.store.writer import featurize_to_store
+from dropinf.store.writer import StoreOptions, featurize_to_store
 from tests.store import fixture
-from dropinf.store.writer import StoreOptions
 
 
 def _both(tmp_path):
