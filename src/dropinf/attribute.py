@@ -107,8 +107,8 @@ class Attributor:
         """Capture train features and fit the estimator (its preconditioner M).
 
         store=None: features in memory; returns them (Features).
-        store=PATH or StoreOptions(PATH, chunk_size=4096, dtype="float32"): stream them to an
-        on-disk FeatureStore in chunks, resuming a previous interrupted run into the same folder,
+        store=PATH or StoreOptions(PATH, chunk_size=None (≈ 64 MiB shards), dtype="float32"): stream
+        them, batch by batch, to an on-disk FeatureStore in chunks, resuming a previous interrupted run into the same folder,
         split across processes under torchrun; the fitted preconditioner is saved in the store;
         returns the FeatureStore.
         """

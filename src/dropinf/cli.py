@@ -50,6 +50,21 @@ def _measure(a, task):
     return task.measures[a.measure]
 
 
+def _track_item(text: str):
+    """One --track item: a module name or glob, or TYPE:GLOB (a torch.nn class name and a glob that
+    must both hold, e.g. Linear:model.layers.*)."""
+    if ":" not in text:
+        return text
+    import torch
+    tname, pattern = text.split(":", 1)
+    cls = getattr(torch.nn, tname, None)
+    if not isinstance(cls, type):
+        from .errors import ConfigError
+        raise ConfigError(f"--track {text!r}: {tname!r} is not a torch.nn module type (e.g. Linear, Conv2d, "
+                          f"Embedding)")
+    return (cls, pattern)
+
+
 def _score_options(a):
     from .options import build
     from .score import ScoreOptions
@@ -110,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
                          "compression (the paper's Orig)")
     add_options(cg, COMPRESSORS)
-    fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated module names/globs "
-                                                   "(default: every Linear)")
+    fz.add_argument("--track", default=None, help="'all', 'lora', or comma-separated items, each a module name "
+                                                   "or glob (that module and what it holds) or TYPE:GLOB (e.g. "
+                                                   "Linear:model.layers.*: every nn.Linear inside the decoder "
+                                                   "layers); blocks come in model order (default: every Linear)")
     from .store.writer import StoreOptions
     add_options(fz.add_argument_group("store (from StoreOptions)"), {"store": StoreOptions})
     fz.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -211,7 +228,7 @@ def _run(args) -> int:
     if args.cmd == "featurize":
         track = args.track
         if track and track not in ("all", "lora"):
-            track = [t.strip() for t in track.split(",") if t.strip()]
+            track = [_track_item(t.strip()) for t in track.split(",") if t.strip()]
         attr = Attributor(task.model, task.loss_fn, compressor=_compressor(args), track=track,
                           progress=not args.no_progress)
         from .options import build

@@ -98,3 +98,20 @@ def test_unsupported_module_routes_to_func_fallback_not_missing():
     layers = select_layers(model, "all")
     assert [l.kind for l in layers] == ["func", "fused"]
     capture_check(model, (torch.randn(3, 2, 6, dtype=torch.float64), torch.tensor([0, 1, 1])), Dropout(r=9))
+
+
+def test_track_combines_a_type_with_a_name_pattern_and_keeps_model_order():
+    transformers = pytest.importorskip("transformers")
+    c = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(c)
+    names = [l.name for l in select_layers(model, [(nn.Linear, "model.layers.*")])]
+    assert len(names) == 14 and all(n.startswith("model.layers.") for n in names)
+    assert not any("norm" in n for n in names)                    # a bare glob would pull the norms in
+    assert len(select_layers(model, ["model.layers.*"])) > len(names)
+    # items are OR-ed, blocks come in the model's order whatever the order of the items
+    names = [l.name for l in select_layers(model, ["lm_head", (nn.Linear, "*.mlp")])]
+    assert names[-1] == "lm_head" and names[0] == "model.layers.0.mlp.gate_proj" and len(names) == 7
+    from dropinf import ConfigError
+    with pytest.raises(ConfigError, match="matches no module"):
+        select_layers(model, [(nn.Conv2d, "model.layers.*")])

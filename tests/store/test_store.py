@@ -9,8 +9,8 @@ import torch
 from dropinf import (Attributor, DataInf, Dropout, FeatureMismatchError, Gaussian, GaussNewton, GradDot, LoGra,
                      ScoreOptions)
 from dropinf.store.disk import FeatureStore, StoreError
-from tests.store import fixture
 from dropinf.store.writer import StoreOptions
+from tests.store import fixture
 
 
 def task():
@@ -215,3 +215,23 @@ def test_derive_features_keeps_ids_and_equals_fused_capture():
     assert derived.ids.tolist() == fused.ids.tolist() == list(range(230))
     for name in fused.layer_names():
         torch.testing.assert_close(derived.data[name], fused.data[name], rtol=1e-5, atol=1e-7)
+
+
+def test_rows_stream_into_the_shard_batch_by_batch_and_shards_are_sized_by_bytes(tmp_path, monkeypatch):
+    from dropinf.store import disk as disk_mod
+    t, train, _ = task()
+    appended = []
+    real = disk_mod.ChunkWriter.append
+    monkeypatch.setattr(disk_mod.ChunkWriter, "append", lambda self, b: (appended.append(b.shape[0]), real(self, b)))
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), progress=False)
+    store = attr.featurize(train, store=tmp_path / "s")             # default: shards sized by bytes
+    width = store.width                      # 2 layers × r=20 float32: 160 bytes a row, 64 MiB → the cap
+    assert store.chunk_size == StoreOptions(tmp_path / "x").rows_per_chunk(width) == 16384 and store.n_chunks == 1
+    assert max(appended) <= t["batch_size"] and sum(appended) == 230           # one batch at a time
+    assert StoreOptions(tmp_path / "x", chunk_mb=1 / 1024).rows_per_chunk(256) == 16      # at least 16 rows
+    assert StoreOptions(tmp_path / "x", chunk_mb=1).rows_per_chunk(256) == 1024           # 1 MiB of float32 rows
+    assert StoreOptions(tmp_path / "x", chunk_mb=1, dtype="float16").rows_per_chunk(256) == 2048
+    # a store being resumed keeps the shard size it was started with
+    Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), progress=False).featurize(
+        train, store=StoreOptions(tmp_path / "r", chunk_size=50))
+    assert StoreOptions(tmp_path / "r").rows_per_chunk(width) == 50

@@ -3,8 +3,12 @@
 Fused blocks are compressed inside the backward pass by the hooks of capture.hooks (the batch
 read from any dimension of a module's input: capture.layout); every other tracked block goes
 through torch.func per-example gradients (capture.functional) with the same compressor. The
-backward itself is ``torch.autograd.grad`` with respect to the tracked weights (no ``.grad``
-field is touched). Where autograd.grad cannot reach a tracked weight — re-entrant gradient
+backward itself is ``torch.autograd.grad`` (no ``.grad`` field is touched): on a self-checked
+batch with respect to the tracked weights (the check compares their batch gradient), on every
+other batch with respect to a −0.0 leaf added to each hooked output (capture.hooks), so that the
+hooks fire and no weight gradient is computed — the forward, the input-gradient backward and the
+gathers, about half a training step. A capture-only round that misses a module the last full
+round reached goes back to the full backward for the session. Where autograd.grad cannot reach a tracked weight — re-entrant gradient
 checkpointing hides the weights inside a segment — capture switches to ``.backward()`` for the
 session, saving and restoring every parameter's ``.grad``.
 
@@ -67,6 +71,8 @@ class BatchCapture:
         self.hooks = FusedHooks(compressors)  # the hooks, and the layouts this session verified
         self.routed: dict[str, str] = {}    # block -> why it went from the fused hooks to torch.func
         self._reference = "slice"           # how the check gets examples' own gradients (check.sliced_references)
+        self._reached: set | None = None    # modules whose hooks the last full backward fired
+        self._lean = True                   # capture-only backward allowed (see the module docstring)
         self._set_routes([l for l in layers if l.kind == "fused"])
 
     def _set_routes(self, fused: list[LayerSpec]) -> None:
@@ -108,7 +114,9 @@ class BatchCapture:
         want_sum: dict[str, torch.Tensor] = {}
         want_rows: dict[int, dict[str, torch.Tensor]] = {}
         blocks = self.fused + self.func
+        lean = self._lean_allowed(check)
         with self.hooks.attached(self.hooked) as rnd, torch.enable_grad():
+            rnd.leaves, rnd.lean = ({} if lean else None), lean
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
             check = check and losses.requires_grad
@@ -117,7 +125,9 @@ class BatchCapture:
                 rnd.active = False
                 want_rows = {b: self._example_grads(losses[b], blocks, retain=True) for b in rows_to_check(rnd.B)}
                 rnd.active = True
-            if self.fused_names and losses.requires_grad:
+            if lean:
+                self._lean_backward(losses, rnd)
+            elif self.fused_names and losses.requires_grad:
                 grads = self._backward(losses.sum(), self.fused_names)
                 if check:     # the batch sum is checked for fused blocks only (capture.check)
                     want_sum = compress_grads(grads, self.fused, self.compressors, self._params)
@@ -132,6 +142,25 @@ class BatchCapture:
                     self._reference = "graph"    # the batch does not slice into its examples
                     raise _Retry()
         return rnd, losses, want_sum, want_rows
+
+    def _lean_allowed(self, check: bool) -> bool:
+        """Capture-only backward for this round: not on a checked batch (the check needs the weights'
+        batch gradient), not under re-entrant checkpointing, and only once a full backward has shown
+        which modules the hooks must reach."""
+        return (self._lean and not check and self._backward_mode == "grad" and self._reached is not None
+                and bool(self.fused_names))
+
+    def _lean_backward(self, losses: torch.Tensor, rnd: Round) -> None:
+        """The capture-only backward: the gradient of the −0.0 leaves alone (capture.hooks). Hooks
+        that should have fired and did not (a module this path cannot reach) send the batch, and the
+        rest of the session, back to the full backward."""
+        leaves, rnd.leaves = list(rnd.leaves.values()), None     # no leaves from recomputed forwards
+        if leaves and losses.requires_grad:
+            with self._autograd_errors():
+                torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        if not self._reached <= rnd.fired:
+            self._lean = False
+            raise _Retry()
 
     @contextlib.contextmanager
     def _autograd_errors(self):
@@ -241,6 +270,8 @@ class BatchCapture:
             self.hooks.layouts.update(rnd.layouts)
             if due:
                 self._checked = True
+            if not rnd.lean:
+                self._reached = set(rnd.fired)
             return feats, losses.detach()
         raise CaptureCheckError(f"capture could not settle on a correct way to capture this batch in {_MAX_ROUNDS} "
                                 f"rounds (routes: {self.routed}). Please report this model.")

@@ -7,6 +7,13 @@ and the block's compressor turns (input, δ) into (B, r_l) numbers right there (
 the saved input and δ are released at once. Because the batch loss is the *sum* of the
 per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient.
 
+Capture-only backward (``Round.leaves``): the hooks need each call's δ, not the weights' batch
+gradients. When the engine asks for it, every hooked call returns ``output + leaf`` — ``leaf`` a
+0-dim −0.0 tensor that requires grad (x + (−0.0) is x, bit for bit, for every x) — and the
+backward asks autograd for the gradient of ``leaf`` alone: every hooked output lies on the path to
+it, so every hook fires with the same δ, while no weight gradient (a third of a training step's
+FLOPs, and the memory of every tracked weight's gradient) is ever computed.
+
 A call the fused math cannot read — no batch dimension, an input modified in place after the
 call, anything the math raises — is not passed through: its block is named in ``Round.reroute``
 with the reason, and the capture engine moves that block to torch.func.
@@ -48,6 +55,8 @@ class Round:
     shapes: dict = field(default_factory=dict)     # (module, call) -> (kind, input shape)
     reroute: dict = field(default_factory=dict)    # block -> why it cannot be fused
     low: set = field(default_factory=set)          # reduced-precision dtypes the hooked calls ran in
+    leaves: dict | None = None                     # device -> −0.0 leaf added to hooked outputs (None: off)
+    lean: bool = False                             # this round's backward was the capture-only one
 
 
 class FusedHooks:
@@ -113,6 +122,12 @@ class FusedHooks:
                                                        f"this call ({type(exc).__name__}: {str(exc)[:160]})")
                 return None
 
+            if rnd.leaves is not None:                 # capture-only backward (module docstring)
+                leaf = rnd.leaves.get(output.device)
+                if leaf is None:
+                    leaf = rnd.leaves[output.device] = torch.full((), -0.0, device=output.device,
+                                                                  requires_grad=True)
+                output = output + leaf       # the hook sits on this node, which lies on the path to leaf
             output.register_hook(on_grad)
             return output
         return hook

@@ -20,9 +20,11 @@ from ..errors import ConfigError, NoTrackableLayersError
 from .modules import UseSpec, fused_kind, use_spec
 
 #: what ``track=`` accepts: None (every nn.Linear and HF Conv1D), "all" (every module owning
-#: trainable parameters), "lora" (the trainable peft LoRA modules), or a sequence of module
-#: names / glob patterns and module types.
-TrackSpec = Union[None, str, Sequence[Union[str, type]]]
+#: trainable parameters), "lora" (the trainable peft LoRA modules), or a sequence of items, OR-ed:
+#: a module name / glob pattern (the module and everything inside it), a module type, or a tuple
+#: of those that must all hold — ``(nn.Linear, "model.layers.*")``: every nn.Linear inside the
+#: decoder layers. Blocks always come in the model's module order, whatever the order of items.
+TrackSpec = Union[None, str, Sequence[Union[str, type, tuple]]]
 
 
 
@@ -157,7 +159,19 @@ def _build_specs(model: nn.Module, chosen: list[str], fused: bool) -> list[Layer
 def _matches(name: str, module: nn.Module, item: Union[str, type]) -> bool:
     if isinstance(item, type):
         return isinstance(module, item)
+    if not isinstance(item, str):
+        raise ConfigError(f"track entries are module names, glob patterns, module types or tuples of those; "
+                          f"got {item!r}")
     return name == item or fnmatch.fnmatchcase(name, item)
+
+
+def _selected(chain: list[tuple[str, nn.Module]], item) -> bool:
+    """Whether one ``track`` item selects a module, given ``chain`` (the module and its ancestors):
+    a name, glob or type selects a matching module and everything inside it; a tuple selects what
+    every one of its members selects."""
+    if isinstance(item, tuple):
+        return bool(item) and all(_selected(chain, part) for part in item)
+    return any(_matches(n, m, item) for n, m in chain)
 
 
 def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True) -> list[LayerSpec]:
@@ -178,25 +192,21 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
         chosen = [n for n, m in modules.items() if _own_trainable(m)]
         what = "every module owning trainable parameters"
     else:
-        items = [track] if isinstance(track, (str, type)) else list(track)
-        chosen, what = [], f"track={items!r}"
+        items = [track] if isinstance(track, (str, type, tuple)) else list(track)
+        what = f"track={items!r}"
+        chains = {n: [(a, modules[a]) for a in _ancestors(n)] for n in modules}
+        hit = set()
         for item in items:
-            hits = [n for n, m in modules.items() if _matches(n, m, item)]
+            hits = {n for n in modules if _selected(chains[n], item)}
             if not hits:
                 raise ConfigError(
                     f"track entry {item!r} matches no module of the model. Module names look like "
-                    f"{[n for n in list(modules)[1:6]]}...; use exact names, glob patterns or types.")
-            for n in hits:
-                # a container selects its descendants that own trainable parameters
-                sub = [f"{n}.{c}" if n else c for c, m in modules[n].named_modules()
-                       if _own_trainable(m)]
-                chosen.extend(s.rstrip(".") for s in sub)
-    seen, uniq = set(), []
-    for n in chosen:
-        if n not in seen:
-            seen.add(n)
-            uniq.append(n)
-    specs = _build_specs(model, uniq, fused)
+                    f"{[n for n in list(modules)[1:6]]}...; use exact names, glob patterns, types or "
+                    f"(type, pattern) tuples.")
+            hit |= hits
+        # in the model's module order (what a selected container holds is selected with it)
+        chosen = [n for n, m in modules.items() if n in hit and _own_trainable(m)]
+    specs = _build_specs(model, chosen, fused)
     if not specs:
         types = sorted({type(m).__name__ for m in modules.values() if _own_trainable(m)})
         raise NoTrackableLayersError(
@@ -205,6 +215,12 @@ def select_layers(model: nn.Module, track: TrackSpec = None, fused: bool = True)
             f"track=[names or types] (e.g. track='all') or unfreeze the parameters to attribute.")
     _check_shared(specs, model)
     return specs
+
+
+def _ancestors(name: str) -> list[str]:
+    """``name`` and the names of the modules containing it ("" is the model itself)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:k]) for k in range(len(parts), -1, -1)]
 
 
 def _is_lora_piece(name: str) -> bool:

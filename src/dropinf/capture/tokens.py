@@ -56,15 +56,19 @@ class TokenCapture(BatchCapture):
 
     def _tokens(self, batch):
         cols = []
+        lean = self._lean_allowed(False)
         with self.hooks.attached(self.hooked, keep=True) as rnd, torch.enable_grad():
+            rnd.leaves, rnd.lean = ({} if lean else None), lean
             values = _token_values(self.loss_fn(self.model, batch))
             rnd.B = values.shape[0]
+            # capture-only backward (capture.hooks): the gradient of the −0.0 leaves, not of the weights
+            targets = list(rnd.leaves.values()) if lean else self.fused_params
+            rnd.leaves = None
             for t in range(values.shape[1]):
                 rnd.acc.clear()
                 col = values[:, t].sum()
-                if col.requires_grad:
-                    torch.autograd.grad(col, self.fused_params, retain_graph=t + 1 < values.shape[1],
-                                        allow_unused=True)
+                if col.requires_grad and targets:
+                    torch.autograd.grad(col, targets, retain_graph=t + 1 < values.shape[1], allow_unused=True)
                 if rnd.reroute:
                     block, reason = next(iter(rnd.reroute.items()))
                     raise ConfigError(f"token-level scores need the fused hook of layer {block!r}, which cannot "
@@ -73,6 +77,9 @@ class TokenCapture(BatchCapture):
                                       torch.zeros(values.shape[0], self.compressors[l.name].r,
                                                   device=values.device)).detach().float()
                              for l in self.fused})
+        if lean and not self._reached <= rnd.fired:       # a module the leaves did not reach: in full
+            self._lean = False
+            return self._tokens(batch)
         feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
         return feats, values.detach(), bool(rnd.layouts)
 

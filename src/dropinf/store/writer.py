@@ -1,7 +1,8 @@
 """Featurize into an on-disk store: chunk by chunk, resumable, optionally over torch.distributed.
 
 Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = dataset rows
-[kC, (k+1)C)), each through its own loader over those rows with the user's batch size and
+[kC, (k+1)C); by default as many rows as fill ``chunk_mb``), each streamed batch by batch into its
+shard file (store.disk.ChunkWriter: memory bounded by one batch), each through its own loader over those rows with the user's batch size and
 collate function (examples the collate function drops are left out and the chunk records the
 dataset ids it holds), so a chunk's bytes do not depend on which process computed it or whether the
 run was interrupted before. Under ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on GPU)
@@ -10,6 +11,7 @@ rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a ba
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,25 @@ class StoreOptions:
     (a plain path means these defaults)."""
 
     path: str | Path
-    chunk_size: int = option(4096, "rows per shard: the unit that is written, resumed after an interruption "
-                                   "and split across torchrun processes")
+    chunk_size: int | None = option(None, "rows per shard: the unit that is resumed after an interruption and "
+                                          "split across torchrun processes (default: as many rows as fill "
+                                          "--chunk-mb, or the size a store being resumed was started with)")
+    chunk_mb: float = option(64.0, "shard size in MiB when --chunk-size is not given (rows between 16 and 16384)")
     dtype: Literal["float32", "float16", "bfloat16"] = option(
         "float32", "precision of the stored rows (half precision halves the disk)")
+
+    def rows_per_chunk(self, width: int) -> int:
+        """chunk_size, or the rows that fill chunk_mb (a store being resumed keeps its own)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        manifest = Path(self.path) / "manifest.json"
+        if manifest.exists():
+            try:
+                return int(json.loads(manifest.read_text())["chunk_size"])
+            except (ValueError, KeyError, TypeError):
+                pass            # a damaged manifest: FeatureStore.create says so
+        row_bytes = width * (4 if self.dtype == "float32" else 2)
+        return int(min(16384, max(16, self.chunk_mb * 2**20 // max(row_bytes, 1))))
 
     @classmethod
     def of(cls, store: "str | Path | StoreOptions") -> "StoreOptions":
@@ -57,20 +74,21 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
     """Every row of ``loader`` from ``featurizer`` (store.featurizer.Featurizer) into the store
     ``store`` (a folder, or StoreOptions)."""
     f, opts = featurizer, StoreOptions.of(store)
-    path, chunk_size, dtype = opts.path, opts.chunk_size, opts.dtype
+    path, dtype = opts.path, opts.dtype
     check_loader(loader)
     ds = loader.dataset
     n = len(ds)
     if n == 0:
         raise EmptyDataError("the train loader's dataset is empty; nothing to featurize.")
-    if chunk_size < 1:
-        raise ConfigError("chunk_size must be ≥ 1")
     rank, world = dist_info()
     layers, off, dims = [], 0, f.damping_dims()
     for l in f.layers:
         r = f.compressors[l.name].r
         layers.append(LayerCols(l.name, r, off, dims[l.name]))
         off += r
+    chunk_size = opts.rows_per_chunk(off)
+    if chunk_size < 1:
+        raise ConfigError("chunk_size must be ≥ 1")
     sig = f.signature()
     if rank == 0:
         store = FeatureStore.create(path, sig, layers, n, chunk_size, dtype)
@@ -89,15 +107,16 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
             progressed = False
             for k in list(pending):
                 start, stop = store.rows(k)
+                shown = 0             # rows of this chunk the bar already counts
                 if not store.chunk_done(k) and store.claim(k):
                     try:
                         if not store.chunk_done(k, verify=True):
-                            _compute_chunk(f, capture, store, layers, loader, k)
+                            shown = _compute_chunk(f, capture, store, layers, loader, k, bar)
                     finally:
                         store.release(k)
                 if store.chunk_done(k):
                     pending.remove(k)
-                    bar.update(stop - start)
+                    bar.update(stop - start - shown)
                     progressed = True
             if pending and not progressed:
                 time.sleep(0.2)          # another live process holds these chunks: wait for it
@@ -108,20 +127,21 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
     return FeatureStore.open(path)
 
 
-def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int) -> None:
+def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int, bar) -> int:
+    """Chunk k, batch by batch into its file (memory: one batch); returns the rows it showed on the bar."""
     start, stop = store.rows(k)
-    block = torch.empty(stop - start, store.width)
-    kept, pos = [], 0
-    for ids, batch in chunk_loader(loader, start, stop):
-        if batch is None:          # the collate function dropped every example of this batch
-            continue
-        ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
-        raise_nonfinite(bad, lays)
-        b = loss.shape[0]
-        for l in layers:
-            block[pos:pos + b, l.offset:l.offset + l.r] = feats[l.name].cpu()
-        kept.append(ids)
-        pos += b
-    ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-    # rows a collate function dropped are absent; the chunk records which ids it holds
-    store.write_chunk(k, block[:pos], None if pos == stop - start else ids)
+    kept, shown = [], 0
+    with store.chunk_writer(k) as out:
+        for ids, batch in chunk_loader(loader, start, stop):
+            if batch is None:          # the collate function dropped every example of this batch
+                continue
+            ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
+            raise_nonfinite(bad, lays)
+            out.append(torch.cat([feats[l.name].cpu() for l in layers], 1))
+            kept.append(ids)
+            bar.update(loss.shape[0])
+            shown += loss.shape[0]
+        ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+        # rows a collate function dropped are absent; the chunk records which ids it holds
+        out.finish(None if out.rows == stop - start else ids)
+    return shown
