@@ -115,3 +115,31 @@ def test_track_combines_a_type_with_a_name_pattern_and_keeps_model_order():
     from dropinf import ConfigError
     with pytest.raises(ConfigError, match="matches no module"):
         select_layers(model, [(nn.Conv2d, "model.layers.*")])
+
+
+@pytest.mark.parametrize("groups,stride,pad,dil,flat", [(1, 1, 1, 1, False), (2, 2, 0, 1, False), (1, 1, 2, 2, False),
+                                                        (1, 2, 1, 1, True)])
+def test_conv_reads_only_the_patch_columns_it_needs(groups, stride, pad, dil, flat, monkeypatch):
+    """Dropout on a conv whose kept entries touch few patch columns gathers those columns from the
+    padded input instead of unfolding every patch; the entries equal the full unfold's and the
+    true per-example gradient's."""
+    from dropinf.capture.modules import Patches, Use, prepare_delta, use_spec
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride, pad, dilation=dil, groups=groups).double()
+    B, m = 3, (2 if flat else 1)
+    x = torch.randn(B * m, 4, 9, 9, dtype=torch.float64)
+    d = torch.randn_like(conv(x))
+    spec = use_spec("c", conv, "conv2d", bias_at=conv.weight.numel())
+    dim = conv.weight.numel() + conv.bias.numel()
+    idx = torch.randperm(dim)[:8].sort().values
+    d3 = prepare_delta(spec, d, B)
+    full = Use(spec, Patches(spec, x, B).full(), d3).gather(idx, {})
+    monkeypatch.setattr(Patches, "full", lambda self: (_ for _ in ()).throw(AssertionError("unfolded everything")))
+    partial = Use(spec, Patches(spec, x, B), d3).gather(idx, {})
+    torch.testing.assert_close(partial, full, rtol=1e-12, atol=1e-12)
+    want = []                    # per example: the gradient of Σ_images <δ, conv(x)> w.r.t. the weights
+    for b in range(B):
+        conv.zero_grad()
+        (d[b * m:(b + 1) * m] * conv(x[b * m:(b + 1) * m])).sum().backward()
+        want.append(torch.cat([conv.weight.grad.reshape(-1), conv.bias.grad])[idx])
+    torch.testing.assert_close(partial, torch.stack(want), rtol=1e-10, atol=1e-10)

@@ -79,22 +79,75 @@ def use_spec(name: str, module: nn.Module, kind: str, bias_at: int | None) -> Us
     raise ValueError(kind)
 
 
+class Patches:
+    """A Conv2d call's input, unfolded into patches only as far as it is read: ``full()`` is
+    F.unfold's (B, L, C·kh·kw) (cached); ``columns(cols)`` only the patch columns ``cols``,
+    (B, L, |cols|), gathered straight from the zero-padded input — O(B·L·|cols|) work and memory
+    instead of O(B·L·C·kh·kw), for Dropout when r leaves most patch columns unread. ``shape`` and
+    ``dtype`` are known without unfolding anything."""
+
+    def __init__(self, spec: UseSpec, x: torch.Tensor, B: int):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.conv
+        n, C, H, W = x.shape
+        self.ho, self.wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if n % B:
+            raise ValueError(f"{n} images for {B} examples")
+        self.spec, self.x, self.B, self.n = spec, x, B, n
+        self.shape = (B, (n // B) * self.ho * self.wo, C * kh * kw)
+        self.dtype, self.device = x.dtype, x.device
+        self._full = None
+
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            kernel, stride, padding, dilation = self.spec.conv
+            cols = F.unfold(self.x, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C*k, L)
+            self._full = self._batch_major(cols)
+        return self._full
+
+    def columns(self, cols: torch.Tensor, maps: dict) -> torch.Tensor:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.spec.conv
+        n, C, H, W = self.x.shape
+        Hp, Wp = H + 2 * ph, W + 2 * pw
+        key = (self.spec.module, "patch-index", tuple(self.x.shape))
+        if key not in maps:           # flat positions in the padded image of every (column, output position)
+            c, rest = cols // (kh * kw), cols % (kh * kw)
+            base = c * (Hp * Wp) + (rest // kw) * dh * Wp + (rest % kw) * dw
+            ys = torch.arange(self.ho, device=cols.device) * sh * Wp
+            xs = torch.arange(self.wo, device=cols.device) * sw
+            maps[key] = (base[:, None] + (ys[:, None] + xs[None, :]).reshape(1, -1)).reshape(-1)
+        xp = F.pad(self.x, (pw, pw, ph, ph)) if (ph or pw) else self.x
+        got = xp.reshape(n, -1).index_select(1, maps[key]).reshape(n, cols.numel(), -1)   # (n, |cols|, L)
+        return self._batch_major(got)
+
+    def _batch_major(self, cols: torch.Tensor) -> torch.Tensor:
+        """(n, C', L) → (B, T, C') channel-first: a transposed view when n == B; batch-major
+        flattened calls (capture.layout.FLAT) become (B, n/B·L, C')."""
+        if cols.shape[0] != self.B:
+            return cols.transpose(1, 2).reshape(self.B, -1, cols.shape[1])
+        return cols.transpose(1, 2)
+
+
 class Use:
     """Per-batch capture of one module call: ``a`` is the saved input representation
-    (B, T, in) — tokens for embedding — and ``d`` the output-gradient (B, T, out)."""
+    (B, T, in) — tokens for embedding, unfolded patches for conv2d (from ``Patches``, unfolded
+    only when read whole) — and ``d`` the output-gradient (B, T, out)."""
 
-    def __init__(self, spec: UseSpec, a: torch.Tensor, d: torch.Tensor):
-        self.spec, self.a, self.d = spec, a, d
+    def __init__(self, spec: UseSpec, a, d: torch.Tensor):
+        self.spec, self._a, self.d = spec, a, d
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._a.full() if isinstance(self._a, Patches) else self._a
 
     # ---- the three primitives -------------------------------------------------------
     def gather(self, idx: torch.Tensor, maps: dict) -> torch.Tensor:
         s = self.spec
         key = (s.module, "maps")
         if key not in maps:
-            maps[key] = _index_maps(s, idx, self.a.device)
+            maps[key] = _index_maps(s, idx, self.d.device)
         w_pos, rows_o, cols_k, bias_pos, bias_o, plan = maps[key]
-        B = self.a.shape[0]
-        w = self._weight_entries(rows_o, cols_k, plan) if w_pos.numel() else None
+        B = self.d.shape[0]
+        w = self._weight_entries(rows_o, cols_k, plan, maps) if w_pos.numel() else None
         b = self.d[:, :, bias_o].sum(1) if bias_pos.numel() else None
         if plan["prefix"]:        # sorted indices: the weight entries first, then the bias entries
             parts = [t for t in (w, b) if t is not None]
@@ -106,14 +159,21 @@ class Use:
             out[:, bias_pos] = b
         return out
 
-    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor, plan: dict) -> torch.Tensor:
+    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor, plan: dict, maps: dict) -> torch.Tensor:
         """Σ_t δ_t[o_s] · a_t[k_s] for output index o_s and input index k_s of each sample s.
 
         Two ways, chosen per layer by cost: gather the r (o, k) columns of δ and a and sum their
         products over t (O(B·T·r) memory traffic), or — when T is large and the kept entries
         fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
-        over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather."""
-        a, d = self.a, self.d
+        over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather. A
+        convolution whose kept entries read at most half of its patch columns unfolds only those
+        (Patches.columns); otherwise every patch once (F.unfold)."""
+        d = self.d
+        if isinstance(self._a, Patches) and plan["uk"].numel() * 2 <= self._a.shape[2]:
+            a = self._a.columns(plan["uk"], maps)              # only the columns K, in uk's order
+            k, plan = plan["k_pos"], {**plan, "uk": torch.arange(plan["uk"].numel(), device=d.device)}
+        else:
+            a = self.a
         B, T = d.shape[0], d.shape[1]
         if self.spec.kind == "embedding":   # a holds token ids; in-index = token, out = dim
             step = max(1, _CHUNK_ELEMS // max(1, B * T))
@@ -217,7 +277,7 @@ def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
     n_w, n_b = w_pos.numel(), bias_pos.numel()
     prefix = bool((w_pos == torch.arange(n_w, device=device)).all()) and \
         bool((bias_pos == torch.arange(n_w, n_w + n_b, device=device)).all()) and n_w + n_b == idx.numel()
-    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix}
+    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix, "k_pos": k_inv}
     return w_pos, o, k, bias_pos, bias_o, plan
 
 
@@ -225,12 +285,8 @@ def prepare(spec: UseSpec, inp: torch.Tensor, B: int) -> torch.Tensor:
     """Saved input representation (B, T, in) — token ids (B, T) for embedding."""
     if spec.kind == "embedding":
         return inp.reshape(B, -1)
-    if spec.kind == "conv2d":
-        kernel, stride, padding, dilation = spec.conv
-        cols = F.unfold(inp, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C*k, L)
-        if cols.shape[0] != B:     # batch-major flattened calls (capture.layout.FLAT): (B, n/B·L, C*k)
-            return cols.transpose(1, 2).reshape(B, -1, cols.shape[1])
-        return cols.transpose(1, 2)
+    if spec.kind == "conv2d":     # unfolded when read (Patches); batch-major flattened calls included
+        return Patches(spec, inp, B)
     return inp.reshape(B, -1, inp.shape[-1])
 
 
