@@ -74,3 +74,26 @@ def test_r_dict_and_bad_r():
         _scores(Dropout(r={"0": 5}))
     with pytest.raises(ConfigError, match="positive int"):
         _scores(Dropout(r=0))
+
+
+def test_gaussian_keeps_its_projection_between_batches_without_changing_numbers():
+    from dropinf import Gaussian
+    from dropinf.capture.engine import BatchCapture
+    from dropinf.capture.layers import select_layers
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+    batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
+    layers = select_layers(model, None)
+    rows = {}
+    for cache in (256.0, 0.0):
+        comps = {l.name: Gaussian(r=8, seed=1, block=40, cache_mb=cache).build(l) for l in layers}
+        cap = BatchCapture(model, loss, layers, comps)
+        rows[cache] = [cap(b)[0] for b in batches]
+        blocks = {n: -(-c.dim // c.block) for n, c in comps.items()}
+        if cache:      # each block generated once per device/dtype, the self-check included
+            assert all(comps[n].generated == blocks[n] for n in comps), ({n: c.generated for n, c in comps.items()}, blocks)
+        else:
+            assert all(comps[n].generated > 3 * blocks[n] for n in comps)
+    for a, b in zip(rows[256.0], rows[0.0]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
