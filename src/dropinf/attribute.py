@@ -214,7 +214,7 @@ class Attributor:
                       f"(no saved preconditioner with these options in {source.path})")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
                          self.train_loader, self.progress, self.score_device, self._shard(),
-                         self.featurizer.to_device)
+                         self.featurizer.to_device, self.score_options.fit_memory_mb)
         with self.featurizer.mode():
             pre = self.estimator.fit(source, ctx)
         self.state = Fitted(source, pre, "fitted")

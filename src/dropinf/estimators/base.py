@@ -31,6 +31,8 @@ class FitContext:
     """What an estimator may need besides the train rows.
 
     device:  where statistics and factorisations run (default CPU)
+    fit_memory_mb: the statistics (Gram matrices, kernel rows) held at once; more layers than fit
+             are fitted in several streamed passes
     shard:   (rank, world) under torchrun (dist.Shard): this process reads chunks k ≡ rank (mod world)
     model, loss_fn, layers, compressors, compressor, train_loader: for the estimators that re-run
              the model (ExactHessian, LiSSA(hvp="model")); to_device moves a batch to the model."""
@@ -45,6 +47,7 @@ class FitContext:
     device: Any = "cpu"
     shard: Shard = Shard()
     to_device: Callable = lambda b: b
+    fit_memory_mb: float = 2048.0     # statistics held at once (estimators.stats.gram_groups)
 
 
 @runtime_checkable

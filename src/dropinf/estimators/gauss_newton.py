@@ -27,7 +27,7 @@ from ..options import option
 from ..errors import ConfigError
 from .base import (FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, spd_inverse)
 from .preconditioner import Block, Preconditioner, estimator_signature
-from .stats import gram_pass
+from .stats import gram_groups, gram_pass
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,19 @@ class GaussNewton:
         ctx = ctx_or_default(ctx)
         n = train.n
         kern = kernel_layers(train)
-        st = gram_pass(train, device=ctx.device, shard=ctx.shard, kernel_layers=kern, progress=ctx.progress)
         blocks, dropped, mean_eig = [], [], {}
-        for name in train.layer_names():
+        groups = gram_groups(train, kern, ctx.fit_memory_mb)
+        for i, group in enumerate(groups):      # memory: one run's statistics at a time
+            desc = "precondition" + (f" (layers {i + 1}/{len(groups)})" if len(groups) > 1 else "")
+            st = gram_pass(train, device=ctx.device, shard=ctx.shard, kernel_layers=kern, progress=ctx.progress,
+                           layers=group, desc=desc)
+            self._fit_layers(train, group, kern, st, blocks, dropped, mean_eig)
+            del st
+        return Preconditioner(estimator_signature(self), n, blocks, dropped, {"hessian_mean_eig": mean_eig})
+
+    def _fit_layers(self, train, names, kern, st, blocks, dropped, mean_eig) -> None:
+        n = train.n
+        for name in names:
             # trace(G̃ᵀG̃/n)/r: the mean eigenvalue of H̃_l, beside λ_l for the damping diagnostic
             mean_eig[name] = st.sumsq[name] / (n * train.layer_r(name))
             if dead_layer(name, st.sumsq[name]):
@@ -67,5 +77,7 @@ class GaussNewton:
             else:
                 r = st.gram[name].shape[0]
                 h = st.gram[name] / n + lam * torch.eye(r, dtype=torch.float64, device=st.gram[name].device)
-                blocks.append(Block((name,), spd_inverse(h, f"H̃ of layer {name!r}").cpu(), damping={name: lam}))
-        return Preconditioner(estimator_signature(self), n, blocks, dropped, {"hessian_mean_eig": mean_eig})
+                del st.gram[name]
+                # factorised in float64; kept (and saved) in float32, the precision scores are taken in
+                m = spd_inverse(h, f"H̃ of layer {name!r}").to(torch.float32).cpu()
+                blocks.append(Block((name,), m, damping={name: lam}))

@@ -34,7 +34,7 @@ FORMAT = "dropinf-precond/1"
 @dataclass
 class Block:
     layers: tuple[str, ...]
-    matrix: torch.Tensor | None = None      # dense M (R × R), float64
+    matrix: torch.Tensor | None = None      # dense M (R × R), float64 or float32 (GaussNewton)
     scale: float = 1.0                      # a in a·I (+ Gᵀ C G)
     kernel: torch.Tensor | None = None      # C (n × n), float64
     self_kernel: torch.Tensor | None = None  # (n,) diag(K C K), K = G Gᵀ: kernel part of I(i, i)
@@ -139,7 +139,8 @@ class Preconditioner:
             for what in ("matrix", "kernel", "self_kernel"):
                 t = getattr(b, what)
                 if t is not None:
-                    arrays[f"b{i}_{what}"] = t.detach().cpu().double().numpy()
+                    t = t.detach().cpu()          # saved in its own precision (float32 or float64)
+                    arrays[f"b{i}_{what}"] = (t if t.dtype in (torch.float32, torch.float64) else t.double()).numpy()
         meta = {"format": FORMAT, "estimator": self.estimator, "n": self.n, "blocks": meta_blocks,
                 "dropped": self.dropped, "info": self.info}
         import io

@@ -43,15 +43,32 @@ class Stats:
 Weights = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+def gram_groups(source, kernel_layers=(), budget_mb: float = 2048.0) -> list[list[str]]:
+    """The layers in runs (model order) whose statistics fit in ``budget_mb`` together: float64
+    r_l × r_l Gram matrices, or the float32 n × r_l rows of kernel layers. One statistics pass per
+    run bounds a fit's memory whatever the number of layers (a run holds at least one layer)."""
+    groups, cur, used = [], [], 0.0
+    for name in source.layer_names():
+        r = source.layer_r(name)
+        need = (source.n * r * 4 if name in kernel_layers else r * r * 8) / 2**20
+        if cur and used + need > budget_mb:
+            groups.append(cur)
+            cur, used = [], 0.0
+        cur.append(name)
+        used += need
+    return groups + ([cur] if cur else [])
+
+
 def gram_pass(source, *, device, shard: tuple[int, int] = (0, 1), gram: bool = True,
               weights: Weights | None = None, kernel_layers=(), progress: bool = False,
-              desc: str = "precondition") -> Stats:
+              desc: str = "precondition", layers: list[str] | None = None) -> Stats:
     """Σ‖g‖² per layer and (if ``gram``) Gᵀ diag(w) G, w = weights(layer, chunk rows) or 1.
-    ``kernel_layers``: layers whose rows are kept whole instead of a Gram matrix."""
+    ``kernel_layers``: layers whose rows are kept whole instead of a Gram matrix. ``layers``:
+    only these (a run of gram_groups); default every layer."""
     device = torch.device(device)
     rank, world = shard
-    names = source.layer_names()
-    kernel_layers = set(kernel_layers)
+    names = list(layers) if layers is not None else source.layer_names()
+    kernel_layers = set(kernel_layers) & set(names)
     n = source.n
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     grams: dict[str, torch.Tensor] = {}

@@ -39,12 +39,15 @@ class ScoreOptions:
     dtype:       "float32" (default: GPU/BLAS speed) or "float64"
     query_batch: queries preconditioned and scored together (memory O(query_batch · R))
     train_batch: train rows per streamed block when the train features are in memory (a store
-                 streams its own shards)"""
+                 streams its own shards)
+    fit_memory_mb: the fit's statistics held at once (estimators.stats.gram_groups)"""
 
     device: str | None = option(None, "where fit and scoring run, e.g. cuda, cuda:1, cpu (default: the model's device)")
     dtype: Literal["float32", "float64"] = option("float32", "precision of the scoring products")
     query_batch: int = option(2048, "queries scored together (memory grows with it)")
     train_batch: int = option(16384, "train rows per streamed block when the train rows are in memory")
+    fit_memory_mb: float = option(2048.0, "MiB of fit statistics (Gram matrices) held at once; more layers than "
+                                          "fit are fitted in several passes over the rows")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
