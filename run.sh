@@ -4,11 +4,14 @@
 #   bash run.sh test      set up, then the test suite
 #   bash run.sh bench     set up, then python benchmarks/core.py
 #   bash run.sh dropinf … set up, then any dropinf command
+#   bash run.sh gpu-check on a CUDA machine with torch/transformers/peft preinstalled and no
+#                         network: no set-up; the CUDA tests and GPU benchmarks (benchmarks/gpu/check.sh)
 # Set-up: a virtualenv in .venv with torch pinned to 2.13.0 (constraints.txt, so pip never pulls
 # a multi-GB CUDA build), then the package in editable mode with its extras. Re-runs skip it
 # unless pyproject.toml, constraints.txt or this file changed.
 set -euo pipefail
 cd "$(dirname "$0")"
+[ "${1:-}" = gpu-check ] && exec bash benchmarks/gpu/check.sh
 VENV="${DROPINF_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
@@ -49,5 +52,5 @@ case "$cmd" in
   test)  exec "$PY" -m pytest tests "$@" ;;
   bench) exec "$PY" benchmarks/core.py "$@" ;;
   dropinf) exec "$VENV/bin/dropinf" "$@" ;;
-  *) echo "usage: bash run.sh {demo|test|bench|dropinf ...}" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh {demo|test|bench|gpu-check|dropinf ...}" >&2; exit 2 ;;
 esac

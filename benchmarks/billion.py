@@ -50,7 +50,8 @@ def build(layers: int, batches: int, device: str):
                                      num_attention_heads=16, intermediate_size=8192, max_position_embeddings=2048,
                                      rotary_pct=0.25, use_parallel_residual=True, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(cfg).to(device).eval()
+    with torch.device(device):          # initialised where it runs (a 1.4 B init on the host is slow)
+        model = transformers.GPTNeoXForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50304, (2 * (batches + 1), 128), generator=g)
     ds = torch.utils.data.TensorDataset(ids)
@@ -180,18 +181,19 @@ def main() -> None:
     print(f"\nPythia-1.4B shape, {a.layers} layers ({pl.get('params', 0) / 1e9:.2f} B parameters), {a.batches} batches "
           f"of 2 x 128 tokens, device {a.device}, {a.threads} threads; peak = {mem}; '+MB' over the footprint with "
           f"the model loaded\n")
-    print("| variant | s / batch | time / plain | peak MB (+MB) | peak / plain | store B / example | "
+    print("| variant | s / batch | tokens/s | time / plain | peak MB (+MB) | peak / plain | store B / example | "
           "fit + load s | top-k s | fit peak MB (+MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for v in ["plain"] + [v for v in VARIANTS if v in rows]:
         r, fit = rows[v], rows.get(f"{v}-fit", {})
         if "error" in r:
-            print(f"| {VARIANTS.get(v, v)} | {r['error']} | | | | | | | |")
+            print(f"| {VARIANTS.get(v, v)} | {r['error']} | | | | | | | | |")
             continue
         ratio = lambda k: f"{r[k] / pl[k]:.2f}x" if pl and "error" not in pl else "-"
         store = f"{r['store_bytes_per_example']:,.0f}" if "store_bytes_per_example" in r else "-"
         fit_s = (f"{fit['fit_s']:.1f}" if "fit_s" in fit else fit.get("error", "-"))
-        print(f"| {VARIANTS.get(v, 'plain forward+backward')} | {r['per_batch_s']:.2f} | {ratio('per_batch_s')} | "
+        print(f"| {VARIANTS.get(v, 'plain forward+backward')} | {r['per_batch_s']:.2f} | {256 / r['per_batch_s']:,.0f} | "
+              f"{ratio('per_batch_s')} | "
               f"{r['peak_mb']:.0f} (+{r['extra_mb']:.0f}) | {ratio('peak_mb')} | {store} | {fit_s} | "
               f"{fit.get('topk_s', float('nan')):.1f} | "
               + (f"{fit['peak_mb']:.0f} (+{fit['extra_mb']:.0f})" if "peak_mb" in fit else "-") + " |")

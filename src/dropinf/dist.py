@@ -22,14 +22,15 @@ class Shard(NamedTuple):
 
 
 def dist_info() -> Shard:
-    """Shard(rank, world size); initialises the process group when launched by torchrun (gloo on CPU,
-    nccl on GPU, after ``torch.cuda.set_device(LOCAL_RANK)``)."""
+    """Shard(rank, world size); initialises the process group when launched by torchrun (gloo for
+    CPU tensors, and nccl for CUDA tensors on a GPU machine after ``torch.cuda.set_device(LOCAL_RANK)``)."""
     if not dist.is_available():
         return Shard()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend="nccl")
+            # CPU tensors (a model left on the CPU, host-side statistics) through gloo, CUDA through nccl
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group(backend="gloo")
         # the group we opened is closed before interpreter teardown: left to static destructors,

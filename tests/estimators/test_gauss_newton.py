@@ -111,6 +111,7 @@ def test_fit_memory_bound_fits_layer_runs_in_separate_passes_with_the_same_resul
     assert [b.layers for b in runs.blocks] == [b.layers for b in one.blocks]
     for b1, b2 in zip(one.blocks, runs.blocks):
         assert torch.equal(b1.matrix, b2.matrix) and b1.damping == b2.damping
+    np.testing.assert_array_equal(fit_score(GN(), train, query, runs), fit_score(GN(), train, query, one))
 
 
 def test_float32_preconditioner_is_as_accurate_as_scoring_needs():

@@ -18,6 +18,7 @@ def loss_fn(model, batch):
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = model.to(os.environ.get("DROPINF_FIXTURE_DEVICE", "cpu"))        # tests/test_cuda.py: cuda
     g = torch.Generator().manual_seed(1)
     n = int(os.environ.get("DROPINF_FIXTURE_N", "230"))
     x = torch.randn(n + 20, 12, generator=g)
