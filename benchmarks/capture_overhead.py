@@ -92,11 +92,15 @@ def child(name: str, variant: str, device: str) -> dict:
     batches = [b for b in loader]
     cuda = device.startswith("cuda")
     to = lambda b: {k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else [t.to(device) for t in b]
+    out = {}
+    if variant != "plain":        # built before the baseline, as the model and the data are
+        attr = Featurizer(model, loss_fn, compressor=Dropout(r=SETTINGS[name]["r"], seed=0), track=track,
+                          progress=False, options=CaptureOptions(device=device))
+        capture = attr.capture()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss, base_gpu = rss_mb(), (torch.cuda.memory_allocated() / 2**20 if cuda else 0.0)
-    out = {}
     if variant == "plain":
         loss_fn(model, to(batches[0])).sum().backward()       # warm-up, as the fused side's first batch
         model.zero_grad(set_to_none=True)
@@ -108,13 +112,9 @@ def child(name: str, variant: str, device: str) -> dict:
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     else:
-        attr = Featurizer(model, loss_fn, compressor=Dropout(r=SETTINGS[name]["r"], seed=0), track=track,
-                          progress=False, options=CaptureOptions(device=device))
         out["func_blocks"] = sorted({type(dict(model.named_modules())[l.name]).__name__
                                      for l in attr.layers if l.kind == "func"})
         out["blocks"] = len(attr.layers)
-
-        capture = attr.capture()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()

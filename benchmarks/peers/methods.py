@@ -88,16 +88,15 @@ def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
 
 def dropinf_ensemble(r: int, members: int, rotate: bool = True):
     """Dropout of r per layer (rotated or not), split into ``members`` disjoint masks of r/members,
-    each fitted and scored on its own, scores averaged (dropinf.ensemble)."""
+    each its own H and damping, scores averaged: GaussNewton(members=K), one fit (dropinf.ensemble)."""
     def run(ctx: Ctx):
         from dropinf import Attributor, Dropout, GaussNewton
-        from dropinf.ensemble import score_ensemble
         with ctx.timer:
             attr = Attributor(ctx.model, ctx.loss, compressor=Dropout(r=r, seed=ctx.seed, rotate=rotate),
-                              estimator=GaussNewton(), track=ctx.names, progress=True)
+                              estimator=GaussNewton(members=members, member_seed=ctx.seed), track=ctx.names,
+                              progress=True)
             attr.featurize(ctx.loader(ctx.train))
-            query = attr.compute_features(ctx.loader(ctx.query), desc="query features")
-            scores = score_ensemble(attr.train_source, query, GaussNewton(), members, seed=ctx.seed).mean
+            scores = attr.score(ctx.loader(ctx.query))
         return {"scores": scores, "sign": 1}
     return run
 

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .capture.layers import TrackSpec
+from .ensemble import EnsembleScores
 from .errors import ConfigError, EmptyDataError, FeatureMismatchError
 from .estimators import ExactHessian, FitContext, GaussNewton, Preconditioner
 from .estimators.cache import PreconditionerCache
 from .report.options import ReportOptions
+from .score import open_scores_for_ranks
 from .score.topk import TopK
 from .score.scorer import ScoreOptions, Scorer
 from .store.disk import FeatureStore
@@ -230,12 +232,12 @@ class Attributor:
     def score_device(self) -> torch.device:
         return torch.device(self.score_options.device) if self.score_options.device else self.device
 
-    def _scorer(self, options: ScoreOptions | None) -> Scorer:
+    def _scorer(self, options: ScoreOptions | None, preconditioner=None) -> Scorer:
         state = self.fitted()
         opts = options or self.score_options
         if opts.device is None:
             opts = dataclasses.replace(opts, device=str(self.score_device))
-        return Scorer(state.preconditioner, state.train, opts, self.progress, self._shard())
+        return Scorer(preconditioner or state.preconditioner, state.train, opts, self.progress, self._shard())
 
     # ------------------------------------------------------------------ scores
     def score(self, query, reduce: Literal["none", "mean"] = "none", out: np.ndarray | None = None,
@@ -260,24 +262,11 @@ class Attributor:
         if isinstance(out, (str, Path)):
             if per_layer:
                 raise ConfigError("out=PATH writes one score matrix; per_layer=True returns one per layer in memory")
-            out = self._scores_file(out, q.n)
+            out = open_scores_for_ranks(out, (q.n, self.fitted().train.n), self._shard())
             self._scorer(options).dense(q, out=out)
             out.flush()
             return out
         return self._scorer(options).dense(q, out=out, per_layer=per_layer)
-
-    def _scores_file(self, path, n_query: int) -> np.ndarray:
-        """A (n_query, n_train) float32 .npy memmap at ``path``: rank 0 creates it (space reserved up
-        front), the other torchrun ranks open it after a barrier."""
-        from .dist import barrier
-        from .score import open_scores_memmap
-        folder = Path(path).resolve().parent
-        if not folder.is_dir():
-            raise ConfigError(f"out={path}: the folder {folder} does not exist; create it first.")
-        rank, world = self._shard()
-        out = open_scores_memmap(path, (n_query, self.train_source.n)) if rank == 0 else None
-        barrier(world)
-        return out if out is not None else np.lib.format.open_memmap(path, mode="r+")
 
     def topk(self, query, k: int = 10, reduce: Literal["none", "mean"] = "none",
              options: ScoreOptions | None = None, measure: LossFn | None = None) -> TopK:
@@ -298,6 +287,17 @@ class Attributor:
         if state.ids is None:
             state.ids = state.train.row_ids()
         return state.ids
+
+    def ensemble(self, query, reduce: Literal["none", "mean"] = "none", options: ScoreOptions | None = None,
+                 measure: LossFn | None = None) -> EnsembleScores:
+        """Each member's own scores of a mask-ensemble fit (``GaussNewton(members=K)``):
+        ``.members`` (K, n_query, n_train), ``.mean`` (= ``score``), ``.std`` (the spread of each
+        score across members), ``.topk_stability(k)``."""
+        pre = self.fitted("ensemble(query)").preconditioner
+        if pre.members < 2:
+            raise ConfigError("ensemble() needs a mask-ensemble fit: estimator=GaussNewton(members=K) with K ≥ 2")
+        q = self._query(query, reduce, measure)
+        return EnsembleScores(np.stack([self._scorer(options, pre.member(k)).dense(q) for k in range(pre.members)]))
 
     def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
         """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)

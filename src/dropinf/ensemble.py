@@ -1,37 +1,33 @@
 """Mask ensembles: K disjoint coordinate sets of one capture, each its own influence estimate.
 
-Capture once with ``Dropout(r=K·m)`` (rotated or not); the K·m kept coordinates of every layer are
-split into K disjoint random groups of m (``member_features``). Each group is a Dropout feature
-set of its own — an independent-looking index set of m coordinates — fitted and scored on its
-own (its own per-layer H̃ and damping); the ensemble score is the members' mean, and the spread
-across members is a per-score uncertainty a single mask cannot give. Against one mask of K·m at
-equal bytes, an ensemble trades the cross-group terms of H̃ (block-diagonal within a layer) for
-that uncertainty; ``dropinf reproduce lds`` measures both.
+Capture once with ``Dropout(r=K·m)`` (rotated or not); ``GaussNewton(members=K)`` splits the K·m
+kept coordinates of every layer into K disjoint random groups of m (estimators.members) and fits
+each as its own H̃ and damping — one preconditioner, block-diagonal within each layer, so the
+ensemble runs through every path of the library (stores, top-k, reports, torchrun, the CLI's
+``--members``). The ensemble score is the members' mean; ``Attributor.ensemble`` returns each
+member's scores (``EnsembleScores``: the spread across members is a per-score uncertainty a single
+mask cannot give). Against one mask of K·m at equal bytes, an ensemble trades the cross-group terms
+of H̃ for that uncertainty; ``dropinf reproduce lds`` measures both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
+from .estimators.members import layer_member_seed, member_columns
 from .store.features import Features
 
 
-def member_columns(width: int, members: int, seed: int = 0) -> list[torch.Tensor]:
-    """A seeded random partition of range(width) into ``members`` groups of near-equal size (sorted)."""
-    if members < 1 or members > width:
-        raise ConfigError(f"members must be between 1 and the layer's {width} kept coordinates, got {members}")
-    perm = torch.randperm(width, generator=torch.Generator().manual_seed(seed))
-    return [torch.sort(perm[k::members]).values for k in range(members)]
-
-
 def member_features(feats: Features, members: int, seed: int = 0) -> list[Features]:
-    """Split every layer's columns into ``members`` disjoint groups: K Features of ≈ r/K columns."""
+    """Every layer's columns split as ``GaussNewton(members=members, member_seed=seed)`` splits them:
+    K Features of ≈ r/K columns (for fitting the members one by one, e.g. to check the ensemble)."""
+    names = list(feats.data)
+    cols = {n: member_columns(v.shape[1], members, layer_member_seed(seed, names, n)) for n, v in feats.data.items()}
     out = []
-    cols = {name: member_columns(v.shape[1], members, seed + j) for j, (name, v) in enumerate(sorted(feats.data.items()))}
     for k in range(members):
         data = {name: v[:, cols[name][k]].contiguous() for name, v in feats.data.items()}
         sig = dict(feats.signature, member=f"{k}/{members}/{seed}")
@@ -67,13 +63,12 @@ class EnsembleScores:
         return float(np.mean(overlaps))
 
 
-def score_ensemble(train: Features, query: Features, estimator, members: int, seed: int = 0,
-                   options=None) -> EnsembleScores:
-    """Fit ``estimator`` on each member's train features and score its query features."""
+def score_ensemble(train, query, estimator, members: int, seed: int = 0, options=None) -> EnsembleScores:
+    """Each member's scores of ``estimator`` (GaussNewton) fitted as a K-member ensemble on ``train``
+    rows (any RowSource) for ``query`` rows: one fit (``GaussNewton(members=K)``), K scorings."""
     from .score.scorer import ScoreOptions, Scorer
-    tr, qu = member_features(train, members, seed), member_features(query, members, seed)
-    out = []
-    for t, q in zip(tr, qu):
-        pre = estimator.fit(t)
-        out.append(Scorer(pre, t, options or ScoreOptions(), progress=False).dense(q))
-    return EnsembleScores(np.stack([np.asarray(s, dtype=np.float32) for s in out]))
+    if not any(f.name == "members" for f in dataclasses.fields(estimator)):
+        raise ConfigError(f"{type(estimator).__name__} has no members option; mask ensembles are GaussNewton's")
+    pre = dataclasses.replace(estimator, members=members, member_seed=seed).fit(train)
+    return EnsembleScores(np.stack([Scorer(pre.member(k), train, options or ScoreOptions(), progress=False).dense(query)
+                                    for k in range(members)]))

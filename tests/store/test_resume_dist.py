@@ -87,16 +87,18 @@ def torchrun(*args):
 
 def test_torchrun_two_processes_equal_one(tmp_path, reference):
     """Featurize, fit (statistics all-reduced) and score (train chunks split across ranks, then
-    gathered) with 2 processes give what 1 process gives."""
+    gathered) with 2 processes give what 1 process gives; a mask ensemble (--members) too."""
     store = tmp_path / "store"
     torchrun(*featurize_args(store))
     assert files(store) == files(reference)
-    for est in ("gauss-newton", "datainf"):
-        one, two = tmp_path / f"one-{est}.npy", tmp_path / f"two-{est}.npy"
-        res = run_cli("score", ENTRY, "--store", str(reference), "--out", str(one), "--estimator", est,
+    for est, extra in (("gauss-newton", []), ("datainf", []), ("gauss-newton", ["--members", "3"])):
+        tag = est + "".join(extra)
+        one, two = tmp_path / f"one-{tag}.npy", tmp_path / f"two-{tag}.npy"
+        res = run_cli("score", ENTRY, "--store", str(reference), "--out", str(one), "--estimator", est, *extra,
                       "--no-progress")
         assert res.returncode == 0, res.stderr
-        torchrun("score", ENTRY, "--store", str(store), "--out", str(two), "--estimator", est, "--no-progress")
+        torchrun("score", ENTRY, "--store", str(store), "--out", str(two), "--estimator", est, *extra,
+                 "--no-progress")
         a, b = np.load(one), np.load(two)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * np.abs(a).max())
     res = torchrun("topk", ENTRY, "--store", str(store), "-k", "4", "--no-progress")

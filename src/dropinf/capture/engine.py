@@ -91,6 +91,7 @@ class BatchCapture:
         spec = next(l for l in self.fused if l.name == block)
         mod = self._modules.get(spec.uses[0].module) if spec.uses else None
         self.routed[block] = reason
+        self._reached = None            # a full backward learns anew which modules the hooks reach
         warnings.warn(f"layer {block!r} ({type(mod).__name__}) is captured through torch.func per-example "
                       f"gradients instead of its fused hook (exact, slower): {reason}.", stacklevel=4)
         self._set_routes([l for l in self.fused if l.name != block])

@@ -27,6 +27,7 @@ from ..options import option
 from ..errors import ConfigError
 from .base import (FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, spd_inverse)
 from .preconditioner import Block, Preconditioner, estimator_signature
+from .members import layer_member_seed, member_block, member_columns
 from .stats import gram_groups, gram_pass
 
 
@@ -34,16 +35,25 @@ from .stats import gram_groups, gram_pass
 class GaussNewton:
     """damping_factor: λ_l = damping_factor · mean squared compressed entry of layer l.
     damping: if set, a fixed λ for every layer instead of the rule (0 = undamped), or a dict
-             {layer: λ_l} (e.g. from estimators.choose_damping; layers not in it follow the rule)."""
+             {layer: λ_l} (e.g. from estimators.choose_damping; layers not in it follow the rule).
+    members: K > 1 splits every layer's kept coordinates into K disjoint random groups, each with its
+             own H̃ and λ (a mask ensemble in one fit: M block-diagonal within the layer, scaled
+             1/K; estimators.members); each member's scores stay available (Attributor.ensemble).
+    member_seed: seeds that split."""
 
     damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
     damping: float | dict | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
+    members: int = option(1, "K > 1: a mask ensemble in one fit: each layer's r kept coordinates split into K disjoint "
+                             "random groups, each its own H and lambda; scores are the members' mean")
+    member_seed: int = option(0, "seeds the split of each layer's coordinates into members")
     name: str = "gauss-newton"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
         ctx = ctx_or_default(ctx)
         n = train.n
-        kern = kernel_layers(train)
+        if self.members < 1:
+            raise ConfigError(f"members must be ≥ 1, got {self.members}")
+        kern = kernel_layers(train, enabled=self.members == 1)   # members: each its own dense block
         blocks, dropped, mean_eig = [], [], {}
         groups = gram_groups(train, kern, ctx.fit_memory_mb)
         for i, group in enumerate(groups):      # memory: one run's statistics at a time
@@ -64,6 +74,9 @@ class GaussNewton:
                 continue
             fixed = self.damping.get(name) if isinstance(self.damping, dict) else self.damping
             lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self.damping_factor, fixed)
+            if self.members > 1:
+                blocks.append(self._members_block(train, name, st.gram.pop(name), fixed))
+                continue
             if name in kern:
                 if lam <= 0:
                     raise ConfigError(f"layer {name!r} has r={train.layer_r(name)} > n={n}: undamped "
@@ -81,3 +94,12 @@ class GaussNewton:
                 # factorised in float64; kept (and saved) in float32, the precision scores are taken in
                 m = spd_inverse(h, f"H̃ of layer {name!r}").to(torch.float32).cpu()
                 blocks.append(Block((name,), m, damping={name: lam}))
+
+    def _members_block(self, train, name: str, gram: torch.Tensor, fixed) -> Block:
+        """Layer ``name`` as K members (estimators.members)."""
+        r, coordinate = train.layer_r(name), train.damping_dim(name) == train.layer_r(name)
+        cols = member_columns(r, self.members, layer_member_seed(self.member_seed, train.layer_names(), name))
+        m, lams, owner = member_block(gram, train.n, cols, None if coordinate else train.damping_dim(name),
+                                      self.damping_factor, fixed, f"layer {name!r}")
+        return Block((name,), m.to(torch.float32).cpu(), damping={name: sum(lams.values()) / len(lams)},
+                     owner=owner, member_damping={name: lams})

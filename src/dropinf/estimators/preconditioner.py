@@ -39,6 +39,8 @@ class Block:
     kernel: torch.Tensor | None = None      # C (n × n), float64
     self_kernel: torch.Tensor | None = None  # (n,) diag(K C K), K = G Gᵀ: kernel part of I(i, i)
     damping: dict = field(default_factory=dict)   # λ per layer (reported, saved)
+    owner: torch.Tensor | None = None       # (R,) member of each column: GaussNewton(members=K)
+    member_damping: dict = field(default_factory=dict)   # {layer: {member: λ}} (members only)
 
     @property
     def form(self) -> str:
@@ -57,6 +59,21 @@ class Preconditioner:
     @property
     def layers(self) -> list[str]:
         return [n for b in self.blocks for n in b.layers]
+
+    @property
+    def members(self) -> int:
+        """K of a mask ensemble fitted as one (GaussNewton(members=K)), else 1."""
+        return max((int(b.owner.max()) + 1 for b in self.blocks if b.owner is not None), default=1)
+
+    def member(self, k: int) -> "Preconditioner":
+        """Member k of an ensemble on its own: its block of every layer's M (times K), zero elsewhere."""
+        from .members import member_matrix
+        if not 0 <= k < self.members:
+            raise ValueError(f"member {k} of a preconditioner with {self.members} members")
+        blocks = [Block(b.layers, member_matrix(b.matrix, b.owner, k), b.scale, b.kernel, b.self_kernel,
+                        {l: b.member_damping[l][k] for l in b.layers}) if b.owner is not None else b
+                  for b in self.blocks]
+        return Preconditioner(self.estimator, self.n, blocks, self.dropped, dict(self.info, member=k))
 
     def needs_train_rows(self) -> bool:
         return any(b.form == "kernel" for b in self.blocks)
@@ -135,12 +152,15 @@ class Preconditioner:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays, meta_blocks = {}, []
         for i, b in enumerate(self.blocks):
-            meta_blocks.append({"layers": list(b.layers), "scale": b.scale, "damping": b.damping})
-            for what in ("matrix", "kernel", "self_kernel"):
+            meta_blocks.append({"layers": list(b.layers), "scale": b.scale, "damping": b.damping,
+                                "member_damping": {l: {str(k): v for k, v in d.items()}
+                                                   for l, d in b.member_damping.items()}})
+            for what in ("matrix", "kernel", "self_kernel", "owner"):
                 t = getattr(b, what)
                 if t is not None:
                     t = t.detach().cpu()          # saved in its own precision (float32 or float64)
-                    arrays[f"b{i}_{what}"] = (t if t.dtype in (torch.float32, torch.float64) else t.double()).numpy()
+                    keep = t.dtype in (torch.float32, torch.float64, torch.int64)
+                    arrays[f"b{i}_{what}"] = (t if keep else t.double()).numpy()
         meta = {"format": FORMAT, "estimator": self.estimator, "n": self.n, "blocks": meta_blocks,
                 "dropped": self.dropped, "info": self.info}
         import io
@@ -158,9 +178,10 @@ class Preconditioner:
             blocks = []
             for i, mb in enumerate(meta["blocks"]):
                 t = {w: torch.from_numpy(z[f"b{i}_{w}"]) if f"b{i}_{w}" in z.files else None
-                     for w in ("matrix", "kernel", "self_kernel")}
+                     for w in ("matrix", "kernel", "self_kernel", "owner")}
+                md = {l: {int(k): v for k, v in d.items()} for l, d in mb.get("member_damping", {}).items()}
                 blocks.append(Block(tuple(mb["layers"]), t["matrix"], mb["scale"], t["kernel"], t["self_kernel"],
-                                    mb["damping"]))
+                                    mb["damping"], t["owner"], md))
         return cls(meta["estimator"], meta["n"], blocks, meta["dropped"], meta["info"])
 
 

@@ -45,10 +45,26 @@ def open_scores_memmap(path, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def open_scores_for_ranks(path, shape: tuple[int, int], shard=(0, 1)) -> np.ndarray:
+    """``open_scores_memmap`` under torchrun: rank 0 creates the file (space reserved up front), the
+    other ranks open it after a barrier, and every rank fills its own columns."""
+    from pathlib import Path
+
+    from ..dist import barrier
+    from ..errors import ConfigError
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"out={path}: the folder {folder} does not exist; create it first.")
+    rank, world = shard
+    out = open_scores_memmap(path, shape) if rank == 0 else None
+    barrier(world)
+    return out if out is not None else np.lib.format.open_memmap(path, mode="r+")
+
+
 def influence(estimator, train, query, ctx=None, options: ScoreOptions | None = None) -> np.ndarray:
     """(n_query, n_train) scores of query rows against train rows (both Features or stores):
     fit ``estimator`` on ``train`` and score — the whole pipeline after capture in one call."""
     return Scorer(estimator.fit(train, ctx), train, options, progress=False).dense(query)
 
 
-__all__ = ["TopK", "topk_merge", "ScoreOptions", "Scorer", "influence", "open_scores_memmap"]
+__all__ = ["TopK", "topk_merge", "ScoreOptions", "Scorer", "influence", "open_scores_memmap", "open_scores_for_ranks"]

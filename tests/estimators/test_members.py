@@ -1,0 +1,68 @@
+"""GaussNewton(members=K): a mask ensemble as one block-diagonal preconditioner, equal to the mean of
+K independent member fits, in memory and from a store, through every path."""
+
+import numpy as np
+import pytest
+import torch
+
+from dropinf import Attributor, ConfigError, Dropout, GaussNewton, StoreOptions
+from dropinf.ensemble import member_features
+from tests.helpers import fit_score, fit_self
+from tests.store import fixture
+
+
+def _task():
+    t = fixture.build()
+    dl = lambda ds: torch.utils.data.DataLoader(ds, batch_size=16)
+    return t, dl(t["train"]), dl(t["query"])
+
+
+@pytest.mark.parametrize("compressor", [Dropout(r=24, seed=1), Dropout(r=24, seed=1, rotate=True)],
+                         ids=["dropout", "rotated"])
+def test_block_diagonal_fit_equals_the_mean_of_member_fits(compressor, tmp_path):
+    t, train, query = _task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=compressor, estimator=GaussNewton(members=3, member_seed=5),
+                      progress=False)
+    tr = attr.featurize(train)
+    qu = attr.compute_features(query)
+    want = np.mean([fit_score(GaussNewton(), a, b) for a, b in zip(member_features(tr, 3, 5),
+                                                                      member_features(qu, 3, 5))], 0)
+    got = fit_score(GaussNewton(members=3, member_seed=5), tr, qu)          # float64 scoring
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+    np.testing.assert_allclose(attr.score(qu), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    ens = attr.ensemble(qu)
+    assert ens.members.shape == (3, 20, 230)
+    np.testing.assert_allclose(ens.mean, attr.score(qu), rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert (ens.std > 0).any() and 0 < ens.topk_stability(5) <= 1
+    self_inf = attr.self_influence()
+    members = [fit_self(GaussNewton(), m) for m in member_features(tr, 3, 5)]
+    np.testing.assert_allclose(self_inf, np.mean(members, 0), rtol=1e-4, atol=1e-6 * np.abs(self_inf).max())
+    per_layer = attr.score(qu, per_layer=True)
+    np.testing.assert_allclose(sum(per_layer.values()), attr.score(qu), rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    # from a store: the same scores; reopened, the saved fit serves without reading a row
+    disk = Attributor(t["model"], t["loss_fn"], compressor=compressor, estimator=GaussNewton(members=3, member_seed=5),
+                      progress=False)
+    disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=50))
+    np.testing.assert_allclose(disk.score(query), attr.score(qu), rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    again = Attributor.from_store(tmp_path / "s", t["model"], t["loss_fn"],
+                                  estimator=GaussNewton(members=3, member_seed=5), progress=False)
+    assert again.fit_status.startswith("loaded") and again.store.rows_read == 0
+    assert again.preconditioner.members == 3
+    np.testing.assert_array_equal(again.ensemble(qu).members, disk.ensemble(qu).members)
+    top = again.topk(qu, k=3)
+    np.testing.assert_array_equal(top.harmful_idx[:, 0], again.train_ids.numpy()[disk.score(qu).argmax(1)])
+
+
+def test_one_member_is_plain_gauss_newton_and_misuse_is_refused():
+    t, train, query = _task()
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12, seed=1), progress=False)
+    attr.featurize(train)
+    tr, qu = attr.train_features, attr.compute_features(query)
+    np.testing.assert_array_equal(fit_score(GaussNewton(members=1), tr, qu), fit_score(GaussNewton(), tr, qu))
+    with pytest.raises(ConfigError, match="mask-ensemble fit"):
+        attr.ensemble(qu)
+    with pytest.raises(ConfigError, match="members must be"):
+        GaussNewton(members=13).fit(tr)
+    with pytest.raises(ConfigError, match="members must be"):
+        GaussNewton(members=0).fit(tr)
