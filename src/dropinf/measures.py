@@ -64,8 +64,23 @@ def _nll(forward: Forward, model, batch) -> torch.Tensor:
     return F.cross_entropy(_wide(logits).transpose(1, 2), targets, ignore_index=-100, reduction="none")
 
 
-def margin(forward: Forward) -> Callable:
+_EXAMPLES = {"margin": "margin(lambda m, b: (m(b[0]), b[1]))  # forward -> (logits, labels)",
+             "completion_nll": "completion_nll(causal_lm), or dropinf.lm.completion_loss",
+             "token_nll": "token_nll(causal_lm), or dropinf.lm.token_losses"}
+
+
+def _builder(name: str, forward, misuse: tuple) -> None:
+    """A measure builder used as the measure itself (``measure=completion_nll``) is a ConfigError."""
+    if misuse or isinstance(forward, torch.nn.Module) or not callable(forward):
+        from .errors import ConfigError
+        raise ConfigError(f"{name} is a measure *builder*: call it with a forward(model, batch) first and pass "
+                          f"what it returns, e.g. measure={_EXAMPLES[name]}.")
+
+
+def margin(forward: Forward, *misuse) -> Callable:
     """f = −(z_y − logsumexp_{c≠y} z_c) per example, from forward(model, batch) -> (logits (B, C), y (B,))."""
+    _builder("margin", forward, misuse)
+
     def measure(model, batch):
         logits, y = forward(model, batch)
         logits = _wide(logits)
@@ -76,16 +91,20 @@ def margin(forward: Forward) -> Callable:
     return measure
 
 
-def completion_nll(forward: Forward) -> Callable:
+def completion_nll(forward: Forward, *misuse) -> Callable:
     """f = −log p(counted tokens) per sequence: the summed NLL of the tokens whose target is not −100."""
+    _builder("completion_nll", forward, misuse)
+
     def measure(model, batch):
         return _nll(forward, model, batch).sum(1)
     measure.__name__ = measure.__qualname__ = "completion_nll"
     return measure
 
 
-def token_nll(forward: Forward) -> Callable:
+def token_nll(forward: Forward, *misuse) -> Callable:
     """(B, T) NLL of each counted token (0 elsewhere): the measure of ``Attributor.token_scores``."""
+    _builder("token_nll", forward, misuse)
+
     def measure(model, batch):
         return _nll(forward, model, batch)
     measure.__name__ = measure.__qualname__ = "token_nll"

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, LossShapeError, NonFiniteGradientError
+from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, NonFiniteGradientError
 from .check import (LOW, Failure, cause, check_blocks, compress_grads, example_grads, func_refusal, rows_to_check,
                     sliced_references)
-from .functional import LossFn, PerExampleGrads, densify, flatten_block
+from .functional import LossFn, PerExampleGrads, densify, flatten_block, per_example_values
 from .hooks import FusedHooks, Round
 from .layers import LayerSpec
 
@@ -59,13 +59,13 @@ class BatchCapture:
     "always", or "never"."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, layers: list[LayerSpec], compressors: dict,
-                 check: str = "first"):
+                 check: str = "first", what: str = "loss_fn"):
         if check not in ("first", "always", "never"):
             raise ConfigError(f"check must be 'first', 'always' or 'never', got {check!r}")
         self.model, self.loss_fn, self.layers, self.compressors = model, loss_fn, layers, compressors
         self._modules = dict(model.named_modules())
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        self.check = check
+        self.check, self.what = check, what     # what: "loss_fn" or "measure" (for error messages)
         self._checked = False
         self._backward_mode = "grad"        # "backward" once re-entrant checkpointing refused .grad()
         self.hooks = FusedHooks(compressors)  # the hooks, and the layouts this session verified
@@ -98,13 +98,7 @@ class BatchCapture:
 
     # ------------------------------------------------------------------ the hooks
     def _losses(self, batch) -> torch.Tensor:
-        losses = self.loss_fn(self.model, batch)
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise LossShapeError(
-                f"loss_fn(model, batch) must return per-example losses of shape (B,), got {shape}. "
-                f"Use reduction='none' (and sum over tokens per example for sequence losses).")
-        return losses
+        return per_example_values(self.loss_fn(self.model, batch), self.what)
 
     def _run(self, batch, check: bool):
         """Forward + backward with the compressing hooks. With ``check``, also the checked examples' own

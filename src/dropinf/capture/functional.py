@@ -31,6 +31,29 @@ class LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def per_example_values(values, what: str = "loss_fn") -> torch.Tensor:
+    """``values`` if it is a (B,) tensor, else a LossShapeError that says what was returned and the
+    fix (``what``: "loss_fn" or "measure")."""
+    if isinstance(values, torch.Tensor) and values.dim() == 1:
+        return values
+    from ..errors import LossShapeError
+    shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+    msg = f"{what}(model, batch) must return one value per example, shape (B,); got {shape}."
+    if isinstance(values, (tuple, list)) and len(values) == 2:
+        msg += (" A pair looks like a forward (logits, targets) such as dropinf.measures.causal_lm, which is what a "
+                "measure builder takes, not a loss: the training loss of a causal LM is dropinf.lm.lm_loss(), and a "
+                "completion's measure dropinf.measures.completion_nll(causal_lm).")
+    elif isinstance(values, torch.Tensor) and values.dim() == 2 and what == "measure":
+        msg += (" Per-token values (B, T) are for token-level scores: attr.token_scores(query, measure). For one "
+                "score per query, sum over tokens (dropinf.measures.completion_nll(causal_lm)).")
+    elif isinstance(values, torch.Tensor) and values.dim() == 0:
+        msg += " A scalar is a batch mean: use reduction='none' (and sum over tokens per example)."
+    else:
+        msg += (" Use reduction='none' and sum over tokens per example (dropinf.lm.lm_loss() does that for a "
+                "causal LM).")
+    raise LossShapeError(msg)
+
+
 def batch_size(batch) -> int:
     sizes = []
     tree_map(lambda t: sizes.append(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() else None, batch)

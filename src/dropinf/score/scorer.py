@@ -40,7 +40,10 @@ class ScoreOptions:
     query_batch: queries preconditioned and scored together (memory O(query_batch · R))
     train_batch: train rows per streamed block when the train features are in memory (a store
                  streams its own shards)
-    fit_memory_mb: the fit's statistics held at once (estimators.stats.gram_groups)"""
+    fit_memory_mb: the fit's statistics held at once (estimators.stats.gram_groups)
+    normalize:   "none"; "both": I(q, i) / (‖q‖_M ‖g_i‖_M) with ‖g‖_M = √(g M gᵀ) = √(−I(i, i)) — the
+                 cosine of the preconditioned gradients M^½q, M^½g (TrackStar's unit-normalised
+                 scores; the plain cosine for GradDot); "train": I(q, i) / ‖g_i‖_M only."""
 
     device: str | None = option(None, "where fit and scoring run, e.g. cuda, cuda:1, cpu (default: the model's device)")
     dtype: Literal["float32", "float64"] = option("float32", "precision of the scoring products")
@@ -48,12 +51,18 @@ class ScoreOptions:
     train_batch: int = option(16384, "train rows per streamed block when the train rows are in memory")
     fit_memory_mb: float = option(2048.0, "MiB of fit statistics (Gram matrices) held at once; more layers than "
                                           "fit are fitted in several passes over the rows")
+    normalize: Literal["none", "both", "train"] = option(
+        "none", "unit-normalised scores: both = the cosine of the preconditioned gradients, I / (|q|_M |g|_M), in "
+                "[-1, 1] (TrackStar-style; cosine for hessian-free); train = divide by |g|_M only (discounts "
+                "train examples whose gradients are large, e.g. mislabeled ones)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"ScoreOptions.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.query_batch < 1 or self.train_batch < 1:
             raise ConfigError("ScoreOptions.query_batch and train_batch must be ≥ 1")
+        if self.normalize not in ("none", "both", "train"):
+            raise ConfigError(f"ScoreOptions.normalize must be 'none', 'both' or 'train', got {self.normalize!r}")
 
 
 def _chunks(source, rows: int, shard=(0, 1)):
@@ -103,18 +112,34 @@ class Scorer:
                               "Check that the loss depends on the tracked layers.")
 
     # ------------------------------------------------------------------ core loop
-    def _queries(self, query) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first query row, q̃ (m_b, R) over self.layers) per query batch."""
+    def _queries(self, query) -> Iterator[tuple[int, dict, torch.Tensor | None]]:
+        """(first query row, q̃ = qM {layer: (m_b, r_l)}, 1/‖q‖_M (m_b,) or None) per query batch."""
         for q0, qc in _chunks(query, self.opts.query_batch):
             pre = self.precond.apply(qc, self.train, self.device, self.dtype)
-            yield q0, pre
+            inv = None
+            if self.opts.normalize == "both":
+                sq = sum((pre[l] * qc[l].to(self.device, self.dtype)).sum(1) for l in self.layers)
+                inv = _inverse_norm(sq)
+            yield q0, pre, inv
+
+    def _train_inverse_norm(self) -> torch.Tensor | None:
+        """1/‖g_i‖_M (n_train,) on the device for normalised scores (one self-influence pass, kept with
+        the preconditioner), or None."""
+        if self.opts.normalize == "none":
+            return None
+        key = ("inverse-train-norm", str(self.device), id(self.train))
+        cache = self.precond._cache
+        if key not in cache:
+            cache[key] = _inverse_norm(-torch.from_numpy(self._self_scores()).double()).to(self.device, self.dtype)
+        return cache[key]
 
     def blocks(self, query, per_layer: bool = False):
         """Yield (q0, t0, S) with S (m_b, rows) the scores of one query batch × train chunk — or,
         with per_layer, {layer: S_l} whose sum is S."""
         total = query.n * self.train.n // max(1, self.shard.world)
+        t_inv = self._train_inverse_norm()
         with tqdm(total=total, desc="score", unit="pair", unit_scale=True, disable=not self.progress) as bar:
-            for q0, pre in self._queries(query):
+            for q0, pre, q_inv in self._queries(query):
                 neg = {l: -v for l, v in pre.items()}           # S = (−q̃) Gᵀ: one matmul per block
                 qcat = _concat(neg, self.layers)
                 for t0, chunk in _chunks(self.train, self.opts.train_batch, self.shard):
@@ -130,6 +155,8 @@ class Scorer:
                                     for l in self.layers)
                         rows = s.shape[1]
                     bar.update(qcat.shape[0] * rows)
+                    if t_inv is not None:
+                        s = _scaled(s, q_inv, t_inv[t0:t0 + rows])
                     yield q0, t0, s
 
     # ------------------------------------------------------------------ outputs
@@ -199,7 +226,11 @@ class Scorer:
         return TopK(*out["helpful"], *out["harmful"])
 
     def self_influence(self) -> np.ndarray:
-        """I(i, i) for every train row, (n_train,) float32: O(n·R²) for every estimator."""
+        """I(i, i) for every train row, (n_train,) float32: O(n·R²) for every estimator. Never
+        normalised (normalised, every I(i, i) would be −1)."""
+        return self._self_scores()
+
+    def _self_scores(self) -> np.ndarray:
         n, world = self.train.n, self.shard.world
         out = torch.zeros(n, dtype=torch.float64)
         with tqdm(total=n // world, desc="self-influence", unit="ex", disable=not self.progress) as bar:
@@ -209,3 +240,17 @@ class Scorer:
                 bar.update(s.shape[0])
         all_reduce_sum(out, world)
         return out.float().numpy()
+
+
+def _inverse_norm(sq: torch.Tensor) -> torch.Tensor:
+    """1/√|sq|, and 1 where sq is 0 (an all-zero gradient keeps its zero scores)."""
+    norm = sq.abs().sqrt()
+    return torch.where(norm > 0, 1.0 / norm.clamp_min(1e-300), torch.ones_like(norm))
+
+
+def _scaled(s, q_inv: torch.Tensor | None, t_inv: torch.Tensor):
+    """S (or {layer: S_l}) with columns divided by ‖g‖_M and, when given, rows by ‖q‖_M."""
+    def one(x):
+        x = x * t_inv[None, :]
+        return x * q_inv[:, None] if q_inv is not None else x
+    return {l: one(v) for l, v in s.items()} if isinstance(s, dict) else one(s)

@@ -168,7 +168,7 @@ class Featurizer:
     def capture(self, measure: LossFn | None = None) -> BatchCapture:
         """A capture session (one self-check, layouts learned once) for one pass over data."""
         return BatchCapture(self.model, measure or self.loss_fn, self.layers, self.compressors,
-                            check=self.options.check)
+                            check=self.options.check, what="measure" if measure is not None else "loss_fn")
 
     def rows(self, capture: BatchCapture, batch, ids: torch.Tensor | None, first: int = 0):
         """One batch: (ids, {layer: (B, r)}, losses (B,), ids whose rows hold NaN/inf, those layers).
@@ -234,6 +234,8 @@ class Featurizer:
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):    # a shuffled loader: dataset order
             order = torch.argsort(ids)
             data, ids, loss_all = {k: v[order] for k, v in data.items()}, ids[order], loss_all[order]
+        if measure is not None:
+            _warn_zero_rows(data, ids)
         return Features(data, self.signature(), loss_all, self.damping_dims(), ids)
 
     def derive(self, full: Features) -> Features:
@@ -267,3 +269,17 @@ class Featurizer:
         data = {l.name: torch.cat([torch.nn.functional.pad(p[l.name], (0, 0, 0, T - p[l.name].shape[1]))
                                    for p in parts]).reshape(n_q * T, -1) for l in self.layers}
         return data, n_q, T
+
+
+def _warn_zero_rows(data: dict, ids: torch.Tensor) -> None:
+    """Warn, naming them, about query examples whose measure has an all-zero gradient (a completion
+    whose every token is masked, say): their scores are all zero, not small."""
+    nonzero = None
+    for v in data.values():
+        nz = (v != 0).any(1)
+        nonzero = nz if nonzero is None else nonzero | nz
+    if nonzero is not None and not bool(nonzero.all()):
+        bad = ids[~nonzero].tolist()
+        warnings.warn(f"the measure has an all-zero gradient for query ids {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+                      f" (no scored token? e.g. a completion masked entirely by −100 labels or cut by max_length): "
+                      f"their scores are all zero.", stacklevel=4)
