@@ -82,10 +82,36 @@ def _experiments():
                           f"with: pip install 'dropinf[experiments]' (or use `bash run.sh demo`).") from exc
 
 
-def _add_entry(p, store_help="store folder"):
-    p.add_argument("entry", help="module:function returning dict(model, loss_fn, train, query, "
-                                 "[collate_fn], [batch_size]); see dropinf.entry")
+def _add_entry(p, store_help="store folder", queries: bool = True):
+    p.add_argument("entry", nargs="?", default=None,
+                   help="module:function returning dict(model, loss_fn, train, query, [collate_fn], [batch_size]); "
+                        "see dropinf.entry. Or, with no Python file, --model and --data (below)")
     p.add_argument("--store", required=True, help=store_help)
+    from .options import add_options
+    from .text_task import TextTaskOptions
+    g = p.add_argument_group("a Hugging Face causal LM and text files instead of an entry point (from TextTaskOptions)")
+    add_options(g, {"text": TextTaskOptions})
+    if queries:
+        g.add_argument("--prompt", action="append", default=None, help="a query prompt (repeat for several; each "
+                                                                       "with its --completion)")
+        g.add_argument("--completion", action="append", default=None, help="the completion attributed for the "
+                                                                           "--prompt in the same position")
+
+
+def _task(args):
+    """The entry point's Task, or one built from --model/--data (dropinf.text_task)."""
+    from .errors import ConfigError
+    if args.entry and args.model:
+        raise ConfigError("give an entry point (module:function) or --model, not both")
+    if args.model:
+        from .options import build
+        from .text_task import TextTaskOptions, build_task
+        return build_task(build(TextTaskOptions, args), getattr(args, "prompt", None), getattr(args, "completion", None))
+    if not args.entry:
+        raise ConfigError("give an entry point (module:function), or --model FOLDER --data FILE for a Hugging Face "
+                          "causal LM and a text file")
+    from .entry import load_entry
+    return load_entry(args.entry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fz = sub.add_parser("featurize", help="compress every training example's gradient into an on-disk store "
                                           "(resumable; run under torchrun for several processes)")
-    _add_entry(fz, "store folder to create or resume")
+    _add_entry(fz, "store folder to create or resume", queries=False)
     from .methods import COMPRESSORS
     from .options import add_options
     cg = fz.add_argument_group("compressor (every option below comes from the compressor dataclasses)")
@@ -223,8 +249,7 @@ def _run(args) -> int:
         print(json.dumps(report, indent=1, default=str))
         return 1 if report["damaged"] else 0
     from .attribute import Attributor
-    from .entry import load_entry
-    task = load_entry(args.entry)
+    task = _task(args)
     if args.cmd == "featurize":
         track = args.track
         if track and track not in ("all", "lora"):
