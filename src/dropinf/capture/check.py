@@ -93,12 +93,14 @@ def sliced_references(model: nn.Module, loss_fn, batch, losses: torch.Tensor, lo
 
 
 def example_grads(model: nn.Module, params: dict, target: torch.Tensor, blocks: list[LayerSpec], compressors: dict,
-              retain: bool, restrict: bool) -> dict[str, torch.Tensor]:
-    """{block: (r,)}: the gradient of ``target`` (one example's loss), each block compressed as soon
-    as autograd has accumulated its parameters' gradients and then released, so that the check
-    never holds a full gradient of the model beside the kept graph. ``.grad`` fields are restored.
-    restrict: pass the tracked parameters as ``inputs=`` (re-entrant checkpointing refuses it). A
-    failing backward raises as torch raised it (the engine explains it)."""
+                  retain: bool, restrict: bool, reached: set | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """{block: (r,)}: the gradient of ``target`` (one example's loss, or the batch's summed loss),
+    each block compressed as soon as autograd has accumulated its parameters' gradients and then
+    released, so that no full gradient of the model is ever held. ``.grad`` fields are restored.
+    restrict: pass the tracked parameters as ``inputs=`` (re-entrant checkpointing refuses it).
+    ``reached`` collects the names of the parameters whose gradient arrived; keep=False drops the
+    gradients without compressing them (a backward run only for the hooks). A failing backward
+    raises as torch raised it (the engine explains it)."""
     owner = {}
     for block in blocks:
         for n in block.param_names:
@@ -109,9 +111,13 @@ def example_grads(model: nn.Module, params: dict, target: torch.Tensor, blocks: 
 
     def make(p):
         def hook(param):
-            g = densify(param.grad)
+            g = densify(param.grad) if keep else None
             param.grad = None
             for block, n in owner[id(p)]:
+                if reached is not None:
+                    reached.add(n)
+                if not keep:
+                    continue
                 got = pending.setdefault(block.name, {})
                 got[n] = g
                 if len(got) == len(block.param_names):
@@ -132,7 +138,7 @@ def example_grads(model: nn.Module, params: dict, target: torch.Tensor, blocks: 
         for p, g in zip(every, old):
             p.grad = g
     for block in blocks:            # parameters the graph did not reach: zero gradient
-        if block.name not in out:
+        if keep and block.name not in out:
             out.update(compress_grads(pending.get(block.name, {}), [block], compressors, params))
     return out
 

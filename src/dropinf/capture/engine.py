@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, NonFiniteGradientError
-from .check import (LOW, Failure, cause, check_blocks, compress_grads, example_grads, func_refusal, rows_to_check,
+from .check import (LOW, Failure, cause, check_blocks, example_grads, func_refusal, rows_to_check,
                     sliced_references)
-from .functional import LossFn, PerExampleGrads, densify, flatten_block, per_example_values
+from .functional import LossFn, PerExampleGrads, flatten_block, per_example_values
 from .hooks import FusedHooks, Round
 from .layers import LayerSpec
 
@@ -123,10 +123,8 @@ class BatchCapture:
             if lean:
                 self._lean_backward(losses, rnd)
             elif self.fused_names and losses.requires_grad:
-                grads = self._backward(losses.sum(), self.fused_names)
-                if check:     # the batch sum is checked for fused blocks only (capture.check)
-                    want_sum = compress_grads(grads, self.fused, self.compressors, self._params)
-                del grads
+                # the batch sum is checked for fused blocks only (capture.check)
+                want_sum = self._backward(losses.sum(), keep=check)
             rnd.active = False       # nothing after the main backward may add calls
             if check and self._reference == "slice":
                 # after the main backward, once the batch's graph is gone: one example at a time
@@ -174,38 +172,25 @@ class BatchCapture:
                           ".backward() instead (parameter .grad fields are saved and restored).", stacklevel=6)
             raise _Retry() from exc   # the hooks may have run for nothing: the batch is redone
 
-    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool) -> dict:
+    def _example_grads(self, target: torch.Tensor, blocks: list[LayerSpec], retain: bool, **kw) -> dict:
         """check.example_grads under this session's backward mode."""
         with self._autograd_errors():
             return example_grads(self.model, self._params, target, blocks, self.compressors, retain,
-                                 restrict=self._backward_mode == "grad")
+                                 restrict=self._backward_mode == "grad", **kw)
 
-    def _backward(self, target: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        """The batch backward that runs the hooks: {param name: batch gradient} of ``names``."""
-        params = [self._params[n] for n in names]
-        if self._backward_mode == "grad":
-            with self._autograd_errors():
-                gs = torch.autograd.grad(target, params, allow_unused=True)
-            fused = set(self.fused_names)
-            if any(g is None and n in fused for n, g in zip(names, gs)):
-                # a tracked weight the graph does not reach: unused this batch, or hidden inside a
-                # re-entrant checkpoint segment that autograd.grad prunes (its hooks never run).
-                # .backward() runs every node, so the batch is redone that way from now on.
-                self._backward_mode = "backward"
-                raise _Retry()
-            return {n: densify(g) for n, g in zip(names, gs) if g is not None}
-        # re-entrant checkpointing: .backward(), with every .grad saved and restored around it
-        every = [p for p in self.model.parameters() if p.requires_grad]
-        old = [p.grad for p in every]
-        for p in every:
-            p.grad = None
-        try:
-            with self._autograd_errors():
-                target.backward()
-            return {n: densify(p.grad) for n, p in zip(names, params) if p.grad is not None}
-        finally:
-            for p, g in zip(every, old):
-                p.grad = g
+    def _backward(self, target: torch.Tensor, keep: bool) -> dict[str, torch.Tensor]:
+        """The full batch backward that runs the hooks; with ``keep`` it also returns every fused
+        block's batch gradient, compressed (check.example_grads: each block compressed and released
+        as autograd accumulates it, so no full gradient of the model is held). A tracked weight the
+        graph does not reach — unused this batch, or hidden inside a re-entrant checkpoint segment
+        that autograd prunes (its hooks never run) — sends the session to .backward(), which runs
+        every node, and the batch is redone."""
+        reached: set = set()
+        grads = self._example_grads(target, self.fused, retain=False, reached=reached, keep=keep)
+        if self._backward_mode == "grad" and not set(self.fused_names) <= reached:
+            self._backward_mode = "backward"
+            raise _Retry()
+        return grads
 
     def _assemble(self, rnd: Round, losses: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         B = losses.shape[0]
