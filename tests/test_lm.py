@@ -20,6 +20,9 @@ class CharTokenizer:
         ids = [b + 3 for b in text.encode()]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
 
 def tiny_lm():
     torch.manual_seed(0)

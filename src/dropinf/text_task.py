@@ -138,4 +138,5 @@ def build_task(o: TextTaskOptions, prompts=None, completions=None):
         return {"text": f"{prompt} ▶ {tok.decode(shown, skip_special_tokens=True)}"}
 
     return Task(model, lm.lm_loss(), train, query, train.collate, o.batch_size,
-                {"completion": lm.completion_loss}, {"render": render, "tokenizer": tok})
+                {"completion": lm.completion_loss}, {"render": render, "tokenizer": tok,
+                                                     "token_measure": lm.token_losses})

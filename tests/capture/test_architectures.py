@@ -158,24 +158,27 @@ def test_attribution_end_to_end_on_vgg_matches_torch_func_path():
                                rtol=1e-4, atol=1e-6)
 
 
+class Ckpt(nn.Module):
+    """torch.utils.checkpoint written into the forward, re-entrant or not."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = torch.tanh(self.a(x))
+        h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.c(h)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_manual_torch_checkpoint_both_ways(reentrant):
     """torch.utils.checkpoint written into the model's forward: re-entrant checkpointing refuses
     torch.autograd.grad, so capture falls back to .backward() (restoring every .grad)."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Ckpt(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=reentrant)
-            return self.c(h)
-
     torch.manual_seed(0)
-    model = Ckpt().double()
+    model = Ckpt(reentrant).double()
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))

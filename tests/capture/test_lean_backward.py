@@ -114,20 +114,9 @@ def test_hf_lora_model():
 def test_checkpointing_both_ways(reentrant):
     """Re-entrant checkpointing hides the segment from autograd.grad: the session keeps the full
     .backward(); non-re-entrant checkpointing gets the capture-only backward."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Ckpt(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=reentrant)
-            return self.c(h)
-
+    from tests.capture.test_architectures import Ckpt
     torch.manual_seed(0)
-    model = Ckpt().double()
+    model = Ckpt(reentrant).double()
     batches = [(torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
     if reentrant:
         with warnings.catch_warnings():

@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dropinf import Attributor, Dropout
@@ -86,3 +87,40 @@ def test_report_renders_in_chromium(tmp_path):
     finally:
         driver.quit()
 
+
+
+def test_generation_view_in_chromium(tmp_path):
+    """An LM query: its completion token by token, coloured by the selected training document's
+    influence on each token (from token_scores); clicking another document switches the colours."""
+    pytest.importorskip("transformers")
+    from dropinf import lm
+    from tests.test_lm import CharTokenizer, tiny_lm
+    driver = _driver()
+    try:
+        model, tok = tiny_lm(), CharTokenizer()
+        docs = ["the cat sat on the mat", "paris is in france", "dogs bark at night", "the capital is paris"]
+        attr = Attributor(model, lm.lm_loss(), compressor=Dropout(r=8, seed=0), progress=False)
+        attr.featurize(lm.documents(tok, docs).loader(2))
+        query = lm.prompts(tok, ["the capital of france is"], [" paris"]).loader(1)
+        path = attr.report(query, tmp_path / "lm.html", k=2, token_measure=lm.token_losses, tokenizer=tok,
+                           train_data=docs, query_data=["the capital of france is ▶ paris"], suspicious=None)
+        per_token = attr.token_scores(query, lm.token_losses)[0]                # (T, n_train)
+        cols = [t for t in range(per_token.shape[0]) if (per_token[t] != 0).any()]
+        top = attr.topk(query, k=2)
+        driver.get(path.resolve().as_uri())
+        spans = driver.find_elements("css selector", ".gen .tok")
+        assert [s.get_attribute("textContent") for s in spans] == list(" paris")                     # the completion's 6 byte tokens
+        harmful = int(top.harmful_idx[0, 0])
+        gen = driver.find_element("css selector", ".gen").text
+        assert f"train id {harmful}" in gen
+        shown = [float(s.get_attribute("data-score")) for s in spans]
+        np.testing.assert_allclose(shown, per_token[cols, harmful], rtol=1e-4, atol=1e-6)
+        helpful = int(top.helpful_idx[0, 0])
+        entries = driver.find_elements("css selector", ".col.helpful .entry")
+        entries[0].click()
+        assert f"train id {helpful}" in driver.find_element("css selector", ".gen").text
+        shown = [float(s.get_attribute("data-score")) for s in driver.find_elements("css selector", ".gen .tok")]
+        np.testing.assert_allclose(shown, per_token[cols, helpful], rtol=1e-4, atol=1e-6)
+        driver.save_screenshot(str(tmp_path / "lm.png"))
+    finally:
+        driver.quit()

@@ -123,4 +123,6 @@ class PerExampleGrads:
 def flatten_block(grads: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Concatenate per-example grads of a block's parameters into (B, d_l)."""
     first = grads[names[0]]
+    if len(names) == 1:                 # no copy of a one-parameter block (a Linear without bias)
+        return first.reshape(first.shape[0], -1)
     return torch.cat([grads[n].reshape(first.shape[0], -1) for n in names], dim=1)

@@ -94,7 +94,7 @@ class FusedHooks:
             if output.dtype in LOW or src.dtype in LOW:
                 rnd.low.add(str(output.dtype if output.dtype in LOW else src.dtype).replace("torch.", ""))
             version = src._version
-            saved = [src.detach()]
+            saved = [src.detach()]      # shares src's version counter; the closure keeps no reference to src
             key = (use.module, rnd.calls.get(use.module, 0))
             rnd.calls[use.module] = key[1] + 1
             if output._is_view():
@@ -107,7 +107,7 @@ class FusedHooks:
                 if not saved or not rnd.active:
                     return None
                 x = saved[0] if keep else saved.pop()   # released as soon as this call is compressed
-                if src._version != version:
+                if x._version != version:
                     rnd.reroute.setdefault(block.name, f"the input of module {use.module!r} was modified in place "
                                                        f"after the call, so the saved input is not what it saw")
                     return None
@@ -127,7 +127,9 @@ class FusedHooks:
                 if leaf is None:
                     leaf = rnd.leaves[output.device] = torch.full((), -0.0, device=output.device,
                                                                   requires_grad=True)
-                output = output + leaf       # the hook sits on this node, which lies on the path to leaf
+                # in place, before anything reads the output (no copy of it); the hook then sits on
+                # the add's node, which lies on the path to leaf
+                output.add_(leaf)
             output.register_hook(on_grad)
             return output
         return hook

@@ -33,6 +33,7 @@ h2{font-size:16px;margin:4px 0 8px}.sign{background:#eef5fb;border-left:4px soli
 .text{white-space:pre-wrap;word-break:break-word}img{image-rendering:pixelated;display:block;margin:3px 0}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 .pager button{margin:4px 2px}
+.gen{line-height:1.9}.tok{padding:1px 2px;border-radius:3px;margin:0 1px;white-space:pre}.entry.pick{outline:2px solid #1f6fb2}
 """
 
 JS = r"""
@@ -59,13 +60,29 @@ function showQuery(j) {
   m.textContent = (q.label !== undefined ? 'label: ' + q.label + '   ' : '') + (q.pred !== undefined ? 'prediction: ' + q.pred + '   ' : '')
     + D.measure + ': ' + fmt(q.loss);
   box.appendChild(m); const qc = el('div', 'entry'); content(q, qc); box.appendChild(qc);
+  const gen = q.gen ? el('div', 'entry gen') : null; if (gen) box.appendChild(gen);
   const cols = el('div', 'cols');
   for (const [key, title, cls] of [['harmful', 'Most harmful (I > 0: up-weighting raises the query\'s ' + D.measure + ')', 'harm'],
                                    ['helpful', 'Most helpful (I < 0: up-weighting lowers it)', 'help']]) {
     const col = el('div', 'col ' + key); col.appendChild(el('h2', null, title));
-    q[key].forEach(([id, s], r) => col.appendChild(trainEntry(id, s, r + 1, cls))); cols.appendChild(col);
+    q[key].forEach(([id, s], r) => { const e = trainEntry(id, s, r + 1, cls);
+      if (gen) { e.style.cursor = 'pointer'; e.onclick = () => showTokens(q, id, gen, e); } col.appendChild(e); });
+    cols.appendChild(col);
   }
-  box.appendChild(cols); drawList();
+  box.appendChild(cols);
+  if (gen && q.harmful.length) showTokens(q, q.harmful[0][0], gen, cols.querySelector('.entry'));
+  drawList();
+}
+function showTokens(q, id, gen, entry) {
+  document.querySelectorAll('.entry.pick').forEach(x => x.classList.remove('pick')); if (entry) entry.classList.add('pick');
+  const s = q.gen.scores[String(id)] || []; const top = Math.max(1e-30, ...s.map(Math.abs));
+  gen.replaceChildren(el('div', 'meta', 'Completion, token by token: influence of train id ' + id
+    + ' on each token (red: raises its loss, green: lowers it; click a training example to switch)'));
+  const line = el('div');
+  q.gen.tokens.forEach((t, i) => { const v = s[i] || 0; const a = Math.min(1, Math.abs(v) / top);
+    const sp = el('span', 'tok', t); sp.dataset.score = v; sp.title = 'I = ' + fmt(v);
+    sp.style.background = v > 0 ? 'rgba(198,40,40,' + a + ')' : 'rgba(26,127,55,' + a + ')'; line.appendChild(sp); });
+  gen.appendChild(line);
 }
 function drawList() {
   const list = document.getElementById('qitems'); list.replaceChildren();
@@ -105,7 +122,7 @@ def histogram_svg(values: np.ndarray, title: str, marked: np.ndarray | None = No
     counts = np.histogram(v, edges)[0]
     mcounts = np.histogram(np.asarray(marked, dtype=np.float64), edges)[0] if marked is not None else None
     top = max(int(counts.max()), 1)
-    pl, pb, pw, ph = 40, 30, width - 50, height - 50
+    pl, pw, ph = 40, width - 50, height - 50
     bw = pw / bins
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
              f'<text x="{pl}" y="14" font-size="13">{html.escape(title)}</text>']
@@ -131,7 +148,8 @@ def histogram_svg(values: np.ndarray, title: str, marked: np.ndarray | None = No
 
 def write_html(path: str | Path, data: dict, histograms: list[str]) -> Path:
     """data: title, sign, findings [{level, text}], settings [[key, value]], measure, queries
-    [{id, text?, img?, label?, pred?, loss, helpful [[id, score]], harmful [[id, score]]}], train
+    [{id, text?, img?, label?, pred?, loss, helpful [[id, score]], harmful [[id, score]],
+    gen? {tokens [text], scores {train id: [score per token]}}}], train
     {id: {text?, img?, label?, mark?}}, suspicious {title, explain, rows [[id, score]]} or None."""
     path = Path(path)
     e = html.escape

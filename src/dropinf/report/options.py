@@ -26,6 +26,9 @@ class ReportOptions:
     n_suspicious, marks    rows on that page; {train id: badge} or a bool array to mark
                            (e.g. known flipped labels)
     title                  the page title
+    token_measure          a token-level measure (B, T), e.g. dropinf.lm.token_losses: adds the
+                           generation view — each completion token's influence from each listed
+                           training document (needs tokenizer and dict batches with input_ids)
     """
 
     k: int = option(10, "training examples per side per query", flag="-k")
@@ -43,6 +46,7 @@ class ReportOptions:
     n_suspicious: int = option(50, "rows on the suspicious page")
     marks: Any = None
     title: str = option("dropinf attribution report", "the page title")
+    token_measure: Callable | None = None
 
     @classmethod
     def of(cls, options: "ReportOptions | None", **kw) -> "ReportOptions":

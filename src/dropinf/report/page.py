@@ -25,6 +25,7 @@ from .content import default_render, show
 from .diagnose import SIGN, diagnose
 from .html import histogram_svg, write_html
 from .options import ReportOptions
+from .tokens import attach, token_view, wanted_ids
 
 HIST_CELLS = 20_000_000     # at most this many scores are held for the histograms
 
@@ -146,6 +147,8 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html",
         if qid in preds:
             c["pred"] = preds[qid]
         queries.append(c)
+    if o.token_measure is not None:          # the generation view (report.tokens)
+        attach(queries, token_view(attr, query, o.token_measure, o.tokenizer, q_ids, wanted_ids(top, q_ids)))
 
     mname = getattr(measure, "__name__", "measure") if measure is not None else "loss"
     findings = diagnose(sample, attr.preconditioner, compressor=attr.signature()["compressor"])
