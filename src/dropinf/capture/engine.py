@@ -2,15 +2,17 @@
 
 Fused blocks are compressed inside the backward pass by the hooks of capture.hooks (the batch
 read from any dimension of a module's input: capture.layout); every other tracked block goes
-through torch.func per-example gradients (capture.functional) with the same compressor. The
-backward itself is ``torch.autograd.grad`` (no ``.grad`` field is touched): on a self-checked
-batch with respect to the tracked weights (the check compares their batch gradient), on every
-other batch with respect to a −0.0 leaf added to each hooked output (capture.hooks), so that the
-hooks fire and no weight gradient is computed — the forward, the input-gradient backward and the
-gathers, about half a training step. A capture-only round that misses a module the last full
-round reached goes back to the full backward for the session. Where autograd.grad cannot reach a tracked weight — re-entrant gradient
-checkpointing hides the weights inside a segment — capture switches to ``.backward()`` for the
-session, saving and restoring every parameter's ``.grad``.
+through torch.func per-example gradients (capture.functional) with the same compressor. On every
+batch that is not self-checked the backward is ``torch.autograd.grad`` with respect to a −0.0
+leaf added to each hooked output (capture.hooks): the hooks fire and no weight gradient is
+computed — the forward, the input-gradient backward and the gathers, about half a training step.
+A self-checked batch (and the first batch of a session) runs the full backward with respect to
+the tracked weights, each block's batch gradient compressed and released as autograd accumulates
+it (check.example_grads; every ``.grad`` field saved and restored); the check compares it, and
+the modules it reaches are what later capture-only rounds must reach too — one that misses any
+goes back to the full backward for the session. Where the tracked weights cannot be named as the
+backward's inputs — re-entrant gradient checkpointing hides them inside a segment — capture
+switches to a plain ``.backward()`` for the session.
 
 Self-check (capture.check; first batch of each capture session, every batch with
 ``check="always"``, and any batch where a module's layout had to be read anew): the rows of the

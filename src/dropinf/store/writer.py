@@ -1,12 +1,13 @@
 """Featurize into an on-disk store: chunk by chunk, resumable, optionally over torch.distributed.
 
 Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = dataset rows
-[kC, (k+1)C); by default as many rows as fill ``chunk_mb``), each streamed batch by batch into its
-shard file (store.disk.ChunkWriter: memory bounded by one batch), each through its own loader over those rows with the user's batch size and
-collate function (examples the collate function drops are left out and the chunk records the
-dataset ids it holds), so a chunk's bytes do not depend on which process computed it or whether the
-run was interrupted before. Under ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on GPU)
-rank i computes chunks k ≡ i (mod N); rank 0 finalizes the manifest after a barrier.
+[kC, (k+1)C); by default as many rows as fill ``chunk_mb``). Each chunk runs through its own
+loader over those rows, with the user's batch size and collate function, and is streamed batch by
+batch into its shard file (store.disk.ChunkWriter: memory bounded by one batch). Examples the
+collate function drops are left out and the chunk records the dataset ids it holds, so a chunk's
+bytes do not depend on which process computed it or whether the run was interrupted before.
+Under ``torchrun --nproc-per-node N`` rank i computes chunks k ≡ i (mod N); rank 0 finalizes the
+manifest after a barrier.
 """
 
 from __future__ import annotations
