@@ -54,10 +54,3 @@ def member_block(gram: torch.Tensor, n: int, cols: list[torch.Tensor], damping_d
         owner[c] = k
         lams[k] = lam
     return m, lams, owner
-
-
-def member_matrix(matrix: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
-    """Member k's own M (its block of the ensemble's M, times K), zero elsewhere."""
-    K = int(owner.max()) + 1
-    keep = (owner == k).to(matrix.device)
-    return matrix * (keep[:, None] & keep[None, :]).to(matrix.dtype) * K

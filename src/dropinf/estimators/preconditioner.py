@@ -67,7 +67,6 @@ class Preconditioner:
 
     def member(self, k: int) -> "Preconditioner":
         """Member k of an ensemble on its own: its block of every layer's M (times K), zero elsewhere."""
-        from .members import member_matrix
         if not 0 <= k < self.members:
             raise ValueError(f"member {k} of a preconditioner with {self.members} members")
         blocks = [Block(b.layers, member_matrix(b.matrix, b.owner, k), b.scale, b.kernel, b.self_kernel,
@@ -183,6 +182,14 @@ class Preconditioner:
                 blocks.append(Block(tuple(mb["layers"]), t["matrix"], mb["scale"], t["kernel"], t["self_kernel"],
                                     mb["damping"], t["owner"], md))
         return cls(meta["estimator"], meta["n"], blocks, meta["dropped"], meta["info"])
+
+
+def member_matrix(matrix: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
+    """Member k's own M within an ensemble's block-diagonal M (its block, times K), zero elsewhere
+    (estimators.members)."""
+    K = int(owner.max()) + 1
+    keep = (owner == k).to(matrix.device)
+    return matrix * (keep[:, None] & keep[None, :]).to(matrix.dtype) * K
 
 
 def estimator_signature(estimator) -> dict:
