@@ -127,3 +127,13 @@ def test_float32_preconditioner_is_as_accurate_as_scoring_needs():
     got = fit_score(GN(damping_factor=0.01), train, query)
     err = np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max()
     assert err < 1e-5, err
+
+
+def test_damping_rn_scales_lambda_with_r_over_n():
+    gen = torch.Generator().manual_seed(3)
+    train = Features({"a": torch.randn(100, 40, generator=gen), "b": torch.randn(100, 5, generator=gen)}, {})
+    plain, scaled = GN().fit(train), GN(damping_rn=10.0).fit(train)
+    lam = {b.layers[0]: b.damping[b.layers[0]] for b in plain.blocks}
+    got = {b.layers[0]: b.damping[b.layers[0]] for b in scaled.blocks}
+    assert got["a"] == pytest.approx(lam["a"] * 10.0 * 40 / 100)         # r/n = 0.4: ×4
+    assert got["b"] == pytest.approx(lam["b"])                             # 10 · 5/100 < 1: the paper's rule

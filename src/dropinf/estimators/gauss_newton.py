@@ -39,13 +39,18 @@ class GaussNewton:
     members: K > 1 splits every layer's kept coordinates into K disjoint random groups, each with its
              own H̃ and λ (a mask ensemble in one fit: M block-diagonal within the layer, scaled
              1/K; estimators.members); each member's scores stay available (Attributor.ensemble).
-    member_seed: seeds that split."""
+    member_seed: seeds that split.
+    damping_rn: c > 0 multiplies the rule's λ_l by max(1, c · r_l / n) (r_l: the layer's, or a
+             member's, kept coordinates): the damping grows as r_l approaches n, where H̃'s n-sample
+             estimate is least reliable. 0 keeps the paper's rule."""
 
     damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
     damping: float | dict | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
     members: int = option(1, "K > 1: a mask ensemble in one fit: each layer's r kept coordinates split into K disjoint "
                              "random groups, each its own H and lambda; scores are the members' mean")
     member_seed: int = option(0, "seeds the split of each layer's coordinates into members")
+    damping_rn: float = option(0.0, "scale the rule's lambda_l by max(1, damping_rn x r_l / n): more damping as r_l "
+                                    "nears n (0 = the paper's rule; see the README on damping)")
     name: str = "gauss-newton"
 
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
@@ -73,7 +78,7 @@ class GaussNewton:
                 dropped.append(name)
                 continue
             fixed = self.damping.get(name) if isinstance(self.damping, dict) else self.damping
-            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self.damping_factor, fixed)
+            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self._factor(train.layer_r(name), n), fixed)
             if self.members > 1:
                 blocks.append(self._members_block(train, name, st.gram.pop(name), fixed))
                 continue
@@ -100,6 +105,10 @@ class GaussNewton:
         r, coordinate = train.layer_r(name), train.damping_dim(name) == train.layer_r(name)
         cols = member_columns(r, self.members, layer_member_seed(self.member_seed, train.layer_names(), name))
         m, lams, owner = member_block(gram, train.n, cols, None if coordinate else train.damping_dim(name),
-                                      self.damping_factor, fixed, f"layer {name!r}")
+                                      self._factor(len(cols[0]), train.n), fixed, f"layer {name!r}")
         return Block((name,), m.to(torch.float32).cpu(), damping={name: sum(lams.values()) / len(lams)},
                      owner=owner, member_damping={name: lams})
+
+    def _factor(self, r: int, n: int) -> float:
+        """The damping factor for a block of r kept coordinates fitted on n rows."""
+        return self.damping_factor * max(1.0, self.damping_rn * r / n)
