@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ConfigError
-from .measures import causal_lm, completion_nll, token_nll
+from .measures import causal_lm, completion_nll, lm_targets, token_nll
 
 completion_loss = completion_nll(causal_lm)
 token_losses = token_nll(causal_lm)
@@ -45,11 +45,7 @@ def lm_loss(reduction: str = "sum") -> Callable:
         nll = token_losses(model, batch)                     # (B, T-1), 0 where not counted
         if reduction == "sum":
             return nll.sum(1)
-        labels = batch.get("labels")
-        if labels is None:
-            mask = batch.get("attention_mask")
-            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
-        counted = (labels[:, 1:] != -100).sum(1).clamp_min(1)
+        counted = (lm_targets(batch) != -100).sum(1).clamp_min(1)
         return nll.sum(1) / counted
     loss.__name__ = loss.__qualname__ = f"lm_loss_{reduction}"
     return loss

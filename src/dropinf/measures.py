@@ -37,17 +37,21 @@ import torch.nn.functional as F
 Forward = Callable[[torch.nn.Module, object], tuple]
 
 
+def lm_targets(batch) -> torch.Tensor:
+    """(B, T-1): the token each position of a causal LM's dict batch predicts, −100 where it does not
+    count — ``labels`` when the batch has them, else every attended token of ``input_ids``."""
+    ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return labels[:, 1:]
+
+
 def causal_lm(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward`` for an HF causal LM on a dict batch with input_ids, attention_mask and
     optionally labels (−100 = not counted; default: every attended token): shifted logits and
     targets."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    labels = batch.get("labels")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return logits[:, :-1], labels[:, 1:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return logits[:, :-1], lm_targets(batch)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -111,4 +115,4 @@ def token_nll(forward: Forward, *misuse) -> Callable:
     return measure
 
 
-__all__ = ["causal_lm", "margin", "completion_nll", "token_nll"]
+__all__ = ["causal_lm", "lm_targets", "margin", "completion_nll", "token_nll"]

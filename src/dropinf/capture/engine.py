@@ -153,9 +153,15 @@ class BatchCapture:
         if leaves and losses.requires_grad:
             with self._autograd_errors():
                 torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        if not self._lean_reached(rnd):
+            raise _Retry()
+
+    def _lean_reached(self, rnd: Round) -> bool:
+        """Whether a capture-only round fired every hook the last full backward fired; if not, the
+        session goes back to the full backward."""
         if not self._reached <= rnd.fired:
             self._lean = False
-            raise _Retry()
+        return self._lean
 
     @contextlib.contextmanager
     def _autograd_errors(self):

@@ -58,7 +58,7 @@ class TokenCapture(BatchCapture):
         cols = []
         lean = self._lean_allowed(False)
         with self.hooks.attached(self.hooked, keep=True) as rnd, torch.enable_grad():
-            rnd.leaves, rnd.lean = ({} if lean else None), lean
+            rnd.leaves = {} if lean else None
             values = _token_values(self.loss_fn(self.model, batch))
             rnd.B = values.shape[0]
             # capture-only backward (capture.hooks): the gradient of the −0.0 leaves, not of the weights
@@ -77,8 +77,7 @@ class TokenCapture(BatchCapture):
                                       torch.zeros(values.shape[0], self.compressors[l.name].r,
                                                   device=values.device)).detach().float()
                              for l in self.fused})
-        if lean and not self._reached <= rnd.fired:       # a module the leaves did not reach: in full
-            self._lean = False
+        if lean and not self._lean_reached(rnd):       # a module the leaves did not reach: in full
             return self._tokens(batch)
         feats = {l.name: torch.stack([c[l.name] for c in cols], 1) for l in self.fused}
         return feats, values.detach(), bool(rnd.layouts)

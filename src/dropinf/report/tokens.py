@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..measures import lm_targets
 
 
 def _positions(batch) -> list[list[tuple[int, int]]]:
@@ -18,12 +19,7 @@ def _positions(batch) -> list[list[tuple[int, int]]]:
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise ConfigError("the generation view (ReportOptions.token_measure) needs dict batches with input_ids "
                           "(and labels: −100 where a token does not count), as dropinf.lm.prompts makes them")
-    ids = batch["input_ids"]
-    labels = batch.get("labels")
-    if labels is None:
-        mask = batch.get("attention_mask")
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    tgt = labels[:, 1:]
+    tgt = lm_targets(batch)
     return [[(t, int(tgt[b, t])) for t in range(tgt.shape[1]) if int(tgt[b, t]) != -100] for b in range(tgt.shape[0])]
 
 

@@ -124,10 +124,10 @@ class Scorer:
 
     def _train_inverse_norm(self) -> torch.Tensor | None:
         """1/‖g_i‖_M (n_train,) on the device for normalised scores (one self-influence pass, kept with
-        the preconditioner), or None."""
+        the preconditioner: it serves the train rows it was fitted on), or None."""
         if self.opts.normalize == "none":
             return None
-        key = ("inverse-train-norm", str(self.device), id(self.train))
+        key = ("inverse-train-norm", str(self.device), self.dtype)
         cache = self.precond._cache
         if key not in cache:
             cache[key] = _inverse_norm(-torch.from_numpy(self._self_scores()).double()).to(self.device, self.dtype)

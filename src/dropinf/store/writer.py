@@ -12,7 +12,6 @@ manifest after a barrier.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..capture.engine import raise_nonfinite
 from ..dist import barrier as _barrier, dist_info
-from ..errors import ConfigError, EmptyDataError
+from ..errors import ConfigError, EmptyDataError, StoreError
 from ..options import option
 from .disk import FeatureStore, LayerCols
 from .ids import chunk_loader
@@ -57,11 +56,10 @@ class StoreOptions:
         """chunk_size, or the rows that fill chunk_mb (a store being resumed keeps its own)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        manifest = Path(self.path) / "manifest.json"
-        if manifest.exists():
+        if (Path(self.path) / "manifest.json").exists():
             try:
-                return int(json.loads(manifest.read_text())["chunk_size"])
-            except (ValueError, KeyError, TypeError):
+                return FeatureStore.open(self.path, require_complete=False).chunk_size
+            except StoreError:
                 pass            # a damaged manifest: FeatureStore.create says so
         row_bytes = width * (4 if self.dtype == "float32" else 2)
         return int(min(16384, max(16, self.chunk_mb * 2**20 // max(row_bytes, 1))))
