@@ -8,7 +8,8 @@ its own process:
   dropout   Dropout r=512 per block, featurize into a store
   logra     LoGra 64 × 64 per block, featurize into a store
   gaussian  Gaussian r=512 per block: the per-batch cost only, without the self-check and the store
-            (only with --gaussian: it regenerates r·d normals per block and batch, the paper's point)
+            (only with --gaussian: it regenerates r·d normals per block and batch, the paper's point);
+            gaussian-hash the same with Gaussian(generator="hash"): the normals made on the device
 
 and, for the store variants, a second process that reopens the store with the model, fits
 GaussNewton and takes the top-10 of 2 queries: fit seconds and the memory the fit adds.
@@ -38,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import rss_mb  # noqa: E402
 
-VARIANTS = {"dropout": "Dropout r=512", "logra": "LoGra 64x64", "gaussian": "Gaussian r=512"}
+VARIANTS = {"dropout": "Dropout r=512", "logra": "LoGra 64x64", "gaussian": "Gaussian r=512",
+            "gaussian-hash": "Gaussian r=512, generator=hash"}
 
 
 def build(layers: int, batches: int, device: str):
@@ -70,7 +72,7 @@ def build(layers: int, batches: int, device: str):
 def _compressor(variant: str):
     from dropinf import Dropout, Gaussian, LoGra
     return {"dropout": Dropout(r=512, seed=0), "logra": LoGra(64, 64, seed=0),
-            "gaussian": Gaussian(r=512, seed=0)}[variant]
+            "gaussian": Gaussian(r=512, seed=0), "gaussian-hash": Gaussian(r=512, seed=0, generator="hash")}[variant]
 
 
 def _sync(device: str) -> None:
@@ -116,7 +118,7 @@ def child(variant: str, a) -> dict:
         out.update(fit_s=fit_s, topk_s=time.perf_counter() - t0, top_shape=list(top.helpful_idx.shape))
     else:
         # Gaussian: per-batch cost only (its self-check would regenerate P four more times; no store)
-        check = "never" if variant == "gaussian" else "first"
+        check = "never" if variant.startswith("gaussian") else "first"
         attr = Attributor(model, loss_fn, compressor=_compressor(variant), estimator=GaussNewton(), track=track,
                           progress=False, options=CaptureOptions(device=a.device, check=check))
         times = []
@@ -133,7 +135,7 @@ def child(variant: str, a) -> dict:
         out.update(per_batch_s=sum(times[1:]) / max(len(times) - 1, 1), first_s=times[0],
                    blocks=len(attr.layers), r_total=sum(c.r for c in attr.compressors.values()))
         t0 = time.perf_counter()
-        if variant == "gaussian":
+        if variant.startswith("gaussian"):
             peak = _peak(a.device)
             out.update(peak_mb=peak, extra_mb=peak - base)
             return out
@@ -154,7 +156,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24, help="decoder layers (24: Pythia-1.4B; fewer for a quick run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--gaussian", action="store_true", help="also Gaussian r=512 (slow by nature)")
+    p.add_argument("--gaussian", action="store_true", help="also Gaussian r=512 (slow by nature), with the CPU "
+                                                            "generator and with generator=hash (made on the device)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--store", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -166,7 +169,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     tmp = Path(tempfile.mkdtemp(prefix="dropinf-billion-"))
     rows = {}
-    variants = ["plain", "dropout", "dropout-fit", "logra", "logra-fit"] + (["gaussian"] if a.gaussian else [])
+    variants = ["plain", "dropout", "dropout-fit", "logra", "logra-fit"] + (["gaussian", "gaussian-hash"] if a.gaussian else [])
     try:
         for v in variants:
             store = tmp / v.removesuffix("-fit")

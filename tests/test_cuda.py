@@ -84,3 +84,13 @@ def test_torchrun_with_nccl_on_one_gpu(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
     a, b = np.load(tmp_path / "c.npy"), np.load(tmp_path / "g.npy")
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * np.abs(a).max())
+
+
+def test_gaussian_hash_generator_makes_the_cpu_projection_on_the_gpu():
+    from dropinf import Gaussian
+    from dropinf.capture.layers import LayerSpec
+    layer = Gaussian(r=64, seed=3, block=500, generator="hash").build(LayerSpec("x", "func", ("x.w",), ((1200,),)))
+    for j in range(3):
+        cpu = layer.block_matrix(j, torch.device("cpu"), torch.float32)
+        gpu = layer.block_matrix(j, torch.device("cuda"), torch.float32)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)

@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="run one of the paper's experiments and write a report folder "
                                           "(report.md, PNG plots, raw CSV/JSON)")
-    rp.add_argument("name", choices=["mislabel", "retrain-images", "retrain-lm", "r-sweep", "timing", "lds"],
+    rp.add_argument("name", choices=["mislabel", "retrain-images", "retrain-lm", "r-sweep", "timing", "lds", "facts"],
                     help="mislabel: §4.1/Table 1; retrain-images: §4.2.1/Table 2; retrain-lm: §4.2/Tables 3-5; "
                          "r-sweep: §5/Figure 1; timing: Tables 7, 9-11; lds: linear datamodeling score of every method "
-                         "at equal bytes on an MLP, a CNN and a transformer LM (retrains from scratch; cached)")
+                         "at equal bytes on an MLP, a CNN and a transformer LM (retrains from scratch; cached); facts: "
+                         "fact tracing on SmolLM2-135M (which training document taught an invented fact?), recall@k "
+                         "and MRR per method beside BM25")
     size = rp.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="a few dozen examples: checks the pipeline end to end")
     size.add_argument("--full", action="store_true", help="the paper's scale (hours on a CPU)")

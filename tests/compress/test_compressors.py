@@ -97,3 +97,30 @@ def test_gaussian_keeps_its_projection_between_batches_without_changing_numbers(
             assert all(comps[n].generated > 3 * blocks[n] for n in comps)
     for a, b in zip(rows[256.0], rows[0.0]):
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_gaussian_hash_generator_is_a_counter_based_normal_stream():
+    from dropinf.compress import from_signature
+    from dropinf.compress.gaussian import hash_normal
+    z = hash_normal(11, 0, 256, 2048, "cpu")
+    assert z.dtype == torch.float64 and z.shape == (256, 2048)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z.abs() > 2).double().mean()) - 0.0455) < 0.003          # normal tails, not uniform ones
+    # independent of neighbours, other blocks and other seeds
+    for other in (z[:, 1:].flatten(), hash_normal(11, 1, 256, 2048, "cpu").flatten()[:-256],
+                  hash_normal(12, 0, 256, 2048, "cpu").flatten()[:-256]):
+        assert abs(float(torch.corrcoef(torch.stack([z[:, :-1].flatten(), other]))[0, 1])) < 0.01
+    assert torch.equal(z, hash_normal(11, 0, 256, 2048, "cpu"))                  # a function of its counters
+    spec = LayerSpec("x", "func", ("x.w",), ((300,),))
+    comp = Gaussian(r=64, seed=2, block=37, generator="hash")
+    layer = comp.build(spec)
+    p = layer.dense()
+    assert abs(float(p.var()) - 1 / 64) < 0.1 / 64
+    assert not torch.allclose(p, Gaussian(r=64, seed=2, block=37).build(spec).dense())
+    g = torch.randn(5, 300)
+    torch.testing.assert_close(layer.from_flat(g), g @ p.T, rtol=1e-5, atol=1e-5)
+    # the generator is part of the signature; a store written before the option reads as "cpu"
+    assert from_signature(comp.signature()) == comp
+    assert from_signature(Gaussian(r=64, seed=2, block=37).signature()).generator == "cpu"
+    with pytest.raises(Exception, match="'cpu' or 'hash'"):
+        Gaussian(generator="philox")

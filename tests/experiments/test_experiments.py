@@ -106,3 +106,18 @@ def test_reproduce_cli_help_and_missing_data_message(tmp_path):
                           str(tmp_path / "r")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "apt-get install -y dataset-fashion-mnist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_facts_smoke(tmp_path):
+    from dropinf_experiments import facts
+    res = facts.run("smoke", out=tmp_path, progress=False)
+    text = check_report(tmp_path, ["Recall and MRR of the fact's document", "Where the wrong first choices",
+                                   "Seconds per stage", "What it says"], ["facts.png", "ranks.csv", "summary.json"])
+    names = [m[0] for m in facts.methods(facts.PRESETS["smoke"], 0)] + ["BM25 (lexical)"]
+    for m in names:
+        assert f"| {m} |" in text
+    assert set(res) == set(names) and all(0 < v <= 1 for v in res.values())
+    s = facts.PRESETS["smoke"]
+    data = rows(tmp_path / "ranks.csv")
+    assert len(data) == len(names) * 2 * s.n_facts
+    assert all(1 <= int(r["rank"]) <= 3 * s.n_facts + s.n_background for r in data)

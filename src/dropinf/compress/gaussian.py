@@ -1,7 +1,17 @@
 """Gaussian random projection (TRAK-style; paper eq. 2): g̃ = P g, P ∈ R^{r×d}, P_ij ~ N(0, 1/r).
 
-P is generated from a seed block of ``block`` columns at a time (torch's CPU generator, so the
-same P on every machine and device); the blocks are kept, on the device and in the dtype they are
+P is generated ``block`` columns at a time, the same P on every machine and device, by one of two
+generators (``Gaussian(generator=...)``, recorded in the signature):
+
+* ``"cpu"`` (default): torch's CPU generator seeded per block, then copied to the device — fast on
+  a CPU, but on a GPU every block not cached crosses the host-device link;
+* ``"hash"``: counter-based — each entry is a function of (layer seed, block, position) alone (a
+  32-bit integer hash, lowbias32, applied twice, then the normal quantile function), computed on
+  the device where it is used with integer tensor ops. Nothing is copied and any block can be made anywhere in any order;
+  on a CPU it costs several times ``"cpu"``'s generation. Device float rounding aside, CPU and GPU
+  give the same P.
+
+The blocks are kept, on the device and in the dtype they are
 used in, while this layer's cache stays under ``cache_mb`` — then a layer whose P fits is
 generated once per capture (the self-check reuses it) and costs the paper's O(r·d) arithmetic per
 example alone. Beyond the cap the remaining blocks are regenerated per batch (memory O(r·block)),
@@ -13,9 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from ..errors import ConfigError
 from ..options import option
 from ..capture.layers import LayerSpec
 from .base import LayerCompressorBase, RSpec, check_seed, layer_seed, resolve_r
@@ -27,8 +39,9 @@ class GaussianLayer(LayerCompressorBase):
     def damping_dim(self) -> int:
         return self.dim
 
-    def __init__(self, layer: LayerSpec, r: int, seed: int, block: int, cache_mb: float = 256.0):
-        self.dim, self.r, self.block = layer.dim, r, block
+    def __init__(self, layer: LayerSpec, r: int, seed: int, block: int, cache_mb: float = 256.0,
+                 generator: str = "cpu"):
+        self.dim, self.r, self.block, self.generator = layer.dim, r, block, generator
         self.seed = layer_seed(seed, layer.name, salt=1)
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: dict[tuple, torch.Tensor] = {}
@@ -43,8 +56,11 @@ class GaussianLayer(LayerCompressorBase):
             return hit
         start = j * self.block
         width = min(self.block, self.dim - start)
-        g = torch.Generator().manual_seed(self.seed + j)
-        p = (torch.randn(self.r, width, generator=g) / math.sqrt(self.r)).to(device=device, dtype=dtype)
+        if self.generator == "hash":
+            p = (hash_normal(self.seed, j, self.r, width, device) / math.sqrt(self.r)).to(dtype)
+        else:
+            g = torch.Generator().manual_seed(self.seed + j)
+            p = (torch.randn(self.r, width, generator=g) / math.sqrt(self.r)).to(device=device, dtype=dtype)
         self.generated += 1
         nbytes = p.numel() * p.element_size()
         if self._cached_bytes + nbytes <= self.cache_bytes:
@@ -66,6 +82,39 @@ class GaussianLayer(LayerCompressorBase):
         return out
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for int64 tensors holding 32-bit values, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' integer hash; a bijection of 32-bit values)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_normal(seed: int, block: int, rows: int, width: int, device) -> torch.Tensor:
+    """Standard normals (rows × width, float64) of a counter-based stream: entry (i, k) of block
+    ``block`` depends only on (seed, block, i·width + k), computed on ``device`` — two rounds of a
+    32-bit hash give 24 uniform bits, mapped through the normal quantile function."""
+    if rows * width >= 2**32:
+        raise ConfigError(f"Gaussian(generator='hash'): a block of {rows} x {width} entries exceeds the 2^32 "
+                          "counter; lower `block`")
+    device = torch.device(device)
+    k1 = int(_hash32(torch.tensor([(seed ^ (seed >> 32)) & _MASK32]))[0])
+    k2 = int(_hash32(torch.tensor([(k1 + 0x9E3779B9 * (block + 1)) & _MASK32]))[0])
+    u = _hash32(_hash32(torch.arange(rows * width, device=device, dtype=torch.int64) ^ k1) ^ k2)
+    # the top 24 bits, centred in their cell: u ∈ (0, 1), so the quantile is finite (|z| < 5.4)
+    f = ((u >> 8).to(torch.float64) + 0.5) * 2.0 ** -24
+    return torch.special.ndtri(f).reshape(rows, width)
+
+
 @dataclass(frozen=True)
 class Gaussian:
     """Dense Gaussian projection to r dims per tracked layer (r may exceed d_l).
@@ -81,13 +130,21 @@ class Gaussian:
                         flag="--gaussian-block")
     cache_mb: float = option(256.0, "gaussian: MiB of each layer's projection kept between batches (the rest is "
                                     "regenerated per batch); does not change the numbers")
+    generator: Literal["cpu", "hash"] = option("cpu", "gaussian: cpu = torch's CPU generator, copied to the device; hash = counter-based, "
+                                   "generated on the device itself (for GPUs: no host copies); different numbers",
+                                                flag="--gaussian-generator")
     kind: str = field(default="gaussian", init=False)
 
     def __post_init__(self):
         check_seed("Gaussian", self.seed)
+        if self.generator not in ("cpu", "hash"):
+            raise ConfigError(f"Gaussian generator must be 'cpu' or 'hash', got {self.generator!r}")
 
     def build(self, layer: LayerSpec) -> GaussianLayer:
-        return GaussianLayer(layer, resolve_r(self.r, layer), self.seed, self.block, self.cache_mb)
+        return GaussianLayer(layer, resolve_r(self.r, layer), self.seed, self.block, self.cache_mb, self.generator)
 
     def signature(self) -> dict:
-        return {"kind": self.kind, "r": self.r, "seed": self.seed, "block": self.block}
+        sig = {"kind": self.kind, "r": self.r, "seed": self.seed, "block": self.block}
+        if self.generator != "cpu":          # stores written before the option read as "cpu"
+            sig["generator"] = self.generator
+        return sig

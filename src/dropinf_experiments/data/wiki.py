@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import bz2
 
+import numpy as np
+
 from .packages import MissingDataError, package_dir
 
 DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -27,3 +29,30 @@ def load_wiki_paragraphs(min_words: int = 30) -> list[str]:
                 if len(para.split()) >= min_words:
                     paragraphs.append(para)
     return paragraphs
+
+
+TOPICS = ("Alabama", "Alaska", "Abraham Lincoln", "Albert Einstein", "Algorithm")
+
+
+def load_wiki_topics(articles=TOPICS, min_words: int = 30) -> tuple[list[str], np.ndarray]:
+    """A topic-classification set: the paragraphs (≥ min_words words) of the given articles,
+    labelled by article (0..k-1, in ``articles`` order). The default five include two US states,
+    so the classes are not all far apart."""
+    folder = package_dir("gensim", "gensim", "The Wikipedia sample (inside the gensim wheel)", no_deps=False)
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    want = {a: i for i, a in enumerate(articles)}
+    texts, labels = [], []
+    with bz2.open(folder / DUMP, "rb") as f:
+        for title, text, _ in extract_pages(f, filter_namespaces=("0",)):
+            if title not in want or not text:
+                continue
+            for para in filter_wiki(text).split("\n\n"):
+                para = " ".join(para.replace("'''", "").replace("''", "").split())
+                if len(para.split()) >= min_words:
+                    texts.append(para)
+                    labels.append(want[title])
+    missing = set(articles) - {articles[i] for i in set(labels)}
+    if missing:
+        raise MissingDataError(f"articles {sorted(missing)} are not in the gensim Wikipedia sample")
+    return texts, np.array(labels)
