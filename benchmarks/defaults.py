@@ -33,14 +33,20 @@ import torch
 def candidates():
     from dropinf import Dropout
     from dropinf.estimators import GaussNewton
-    c = {"paper: Dropout r=16, paper's λ": (Dropout(r=16), GaussNewton()),
-         "Dropout r=64, paper's λ": (Dropout(r=64), GaussNewton()),
+    c = {"paper: Dropout r=16, paper's λ": (Dropout(r=16), GaussNewton(damping_rn=0)),
+         "Dropout r=64, paper's λ": (Dropout(r=64), GaussNewton(damping_rn=0)),
          "Dropout r=256, rn40": (Dropout(r=256), GaussNewton(damping_rn=40)),
          "Dropout r=1024, rn40": (Dropout(r=1024), GaussNewton(damping_rn=40)),
          "Dropout r=1024 rot, rn40": (Dropout(r=1024, rotate=True), GaussNewton(damping_rn=40)),
          "Dropout r=1024 x4, rn40": (Dropout(r=1024), GaussNewton(members=4, damping_rn=40)),
-         "Dropout r=1024 rot x4, rn40": (Dropout(r=1024, rotate=True), GaussNewton(members=4, damping_rn=40))}
-    return c
+         "Dropout r=1024 rot x4, rn40": (Dropout(r=1024, rotate=True), GaussNewton(members=4, damping_rn=40)),
+         "Dropout r=1024 x2, rn40": (Dropout(r=1024), GaussNewton(members=2, damping_rn=40)),
+         "Dropout r=1024 rot x2, rn40": (Dropout(r=1024, rotate=True), GaussNewton(members=2, damping_rn=40)),
+         "Dropout r=2048 rot x4, rn40": (Dropout(r=2048, rotate=True), GaussNewton(members=4, damping_rn=40))}
+    return {k: v for k, v in c.items() if not ONLY or k in ONLY}
+
+
+ONLY: set = set()     # --only: run these candidates and merge them into the saved results
 
 
 def reseed(comp, seed):
@@ -99,12 +105,12 @@ def mislabel_task(task: str, runs: int, progress: bool) -> dict:
                     for f in (0.01, 0.1, 1.0, 10.0, 100.0)]
             _add(res, name, auc, max(aucs), time.perf_counter() - t0, 4 * sum(tr.layer_r(l) for l in tr.layer_names()))
         full = feats["train"]
-        for name, est in (("baseline: GradDot (full)", GradDot()), ("baseline: Orig GaussNewton (full)", GaussNewton())):
+        for name, est in (("baseline: GradDot (full)", GradDot()), ("baseline: Orig GaussNewton (full)", GaussNewton(damping_rn=0))):
             t0 = time.perf_counter()
             auc = mislabel_auc(influence_on_mean(est, full, feats["val"])[0].numpy(), flipped)
             _add(res, name, auc, auc, time.perf_counter() - t0, None)
         t0 = time.perf_counter()
-        self_inf = Scorer(GaussNewton().fit(full), full, progress=False).self_influence()
+        self_inf = Scorer(GaussNewton(damping_rn=0).fit(full), full, progress=False).self_influence()
         _add(res, "baseline: self-influence (full)", mislabel_auc(-np.asarray(self_inf), flipped),
              mislabel_auc(-np.asarray(self_inf), flipped), time.perf_counter() - t0, None)
         print(f"  {task} run {run}: " + "  ".join(f"{k.split(':')[0][:22]} {v['value'][-1]:.3f}" for k, v in res.items()),
@@ -161,7 +167,7 @@ def _line(task, name, v):
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "defaults.json").write_text(json.dumps(results, indent=1))
-    names = list(candidates()) + ["baseline: GradDot (full)", "baseline: Orig GaussNewton (full)",
+    names = list(dict.fromkeys(k for t in results.values() for k in t if not k.startswith("baseline"))) + ["baseline: GradDot (full)", "baseline: Orig GaussNewton (full)",
                                   "baseline: self-influence (full)"]
     tasks = list(results)
     head = "| setting | " + " | ".join(f"{t} ({'LDS' if t in ('mlp', 'cnn', 'lm') else 'AUC'})" for t in tasks) + " |"
@@ -187,15 +193,19 @@ def main() -> None:
     p.add_argument("--out", default="reports/defaults")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--only", default="", help="';'-separated candidate names: run only these, merged into the "
+                                              "saved results (baselines are kept from the earlier run)")
     a = p.parse_args()
+    ONLY.update(x for x in a.only.split(";") if x)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     results = json.loads((out / "defaults.json").read_text()) if (out / "defaults.json").exists() else {}
     for task in a.tasks.split(","):
         if task in ("mlp", "cnn", "lm"):
-            results[task] = lds_task(task, [int(x) for x in a.seeds.split(",")], a.lds_out)
+            new = lds_task(task, [int(x) for x in a.seeds.split(",")], a.lds_out)
         else:
-            results[task] = mislabel_task(task, a.runs, not a.no_progress)
+            new = mislabel_task(task, a.runs, not a.no_progress)
+        results[task] = {**results.get(task, {}), **new} if ONLY else new
         write(results, out)
 
 

@@ -56,8 +56,9 @@ class Attributor:
     model:      a trained torch.nn.Module (evaluated at its current parameters)
     loss_fn:    loss_fn(model, batch) -> per-example losses (B,); the batch is whatever the
                 DataLoader yields (tensors, tuples, dicts)
-    compressor: Identity() (Orig), Dropout(r, seed), Gaussian(r, seed), ...
-    estimator:  GaussNewton() (paper default), ExactHessian() (small models), ...
+    compressor: default Dropout() (r=1024 per layer, dropinf.default_setting()); Identity() (Orig),
+                Dropout(r, seed), Gaussian(r, seed), ... (dropinf.paper_setting(): the paper's r=16)
+    estimator:  default GaussNewton() (damping_rn=40, measured); ExactHessian() (small models), ...
     track:      None → every nn.Linear; "all"; or module names / glob patterns / types
     score_options: ScoreOptions(device, dtype, query_batch, train_batch) for fit and scoring
                (default: the model's device, float32)

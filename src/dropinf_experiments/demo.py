@@ -45,7 +45,7 @@ def run_demo(out: str | Path = "dropinf-demo", r: int = 64, seeds: int = 5, prog
         aucs, self_aucs, secs = [], [], []
         for s in range(runs):
             t0 = time.perf_counter()
-            attr = Attributor(model, ce_loss, compressor=make(s), estimator=GaussNewton(), progress=progress)
+            attr = Attributor(model, ce_loss, compressor=make(s), estimator=GaussNewton(damping_rn=0), progress=progress)
             attr.featurize(train)
             scores = attr.score(val, reduce="mean")[0]   # (n_train,), > 0 = harmful to validation
             secs.append(time.perf_counter() - t0)

@@ -56,9 +56,9 @@ PRESETS = {
 
 
 def make_methods(s: MislabelSettings, seed: int) -> list[tuple[str, object, object]]:
-    return [("Orig", None, GaussNewton()), ("DataInf", None, DataInf()),
+    return [("Orig", None, GaussNewton(damping_rn=0)), ("DataInf", None, DataInf()),
             ("LiSSA", None, LiSSA(iterations=s.lissa_iterations)), ("Hessian-free", None, GradDot()),
-            ("Gaussian", Gaussian(r=s.r, seed=seed), GaussNewton()), ("Dropout", Dropout(r=s.r, seed=seed), GaussNewton())]
+            ("Gaussian", Gaussian(r=s.r, seed=seed), GaussNewton(damping_rn=0)), ("Dropout", Dropout(r=s.r, seed=seed), GaussNewton(damping_rn=0))]
 
 
 def noisy_tweets(s: MislabelSettings, seed: int):
@@ -125,7 +125,7 @@ def write_attribution_report(s: MislabelSettings, attr, feats, flipped, data, ra
     from dropinf import Attributor
     tok, train_ds, val_ds = data
     comp = Dropout(r=s.r, seed=run)
-    rep = Attributor(attr.model, classifier_loss, compressor=comp, estimator=GaussNewton(),
+    rep = Attributor(attr.model, classifier_loss, compressor=comp, estimator=GaussNewton(damping_rn=0),
                      track=[l.name for l in attr.layers], progress=progress)
     rep.use_features(compress(attr, feats["train"], comp), train_loader=train_ds.loader(32))
 

@@ -37,14 +37,14 @@ def run(preset: str = "fast", out: str = "reports/r-sweep", progress: bool = Tru
     s = settings or PRESETS[preset]
     rep = Report(out, "Stability of small r: Gaussian vs Dropout (paper §5, Figure 1)", s, preset)
     attr, feats, flipped, accs, _, _ = prepare(s.model, s.lora_rank, 0, progress)
-    orig, _ = influence_on_mean(GaussNewton(), feats["train"], feats["val"])
+    orig, _ = influence_on_mean(GaussNewton(damping_rn=0), feats["train"], feats["val"])
     orig_auc = mislabel_auc(orig.numpy(), flipped)
     raw = []
     for r in s.rs:
         for seed in range(s.seeds):
             for name, comp in (("Gaussian", Gaussian(r=r, seed=seed)), ("Dropout", Dropout(r=r, seed=seed))):
                 tr, va = compress(attr, feats["train"], comp), compress(attr, feats["val"], comp)
-                sc, _ = influence_on_mean(GaussNewton(), tr, va)
+                sc, _ = influence_on_mean(GaussNewton(damping_rn=0), tr, va)
                 raw.append([r, seed, name, mislabel_auc(sc.numpy(), flipped)])
         print(f"  r={r}: " + ", ".join(f"{m} {np.mean([a for (rr, _, mm, a) in raw if rr == r and mm == m]):.3f}"
                                        for m in ("Gaussian", "Dropout")), flush=True)

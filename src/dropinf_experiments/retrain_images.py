@@ -57,9 +57,9 @@ PRESETS = {
 def methods(s: RetrainImagesSettings, seed: int):
     """(name, compressor for a fused capture or None for full gradients, estimator)."""
     return [("Hessian-free", None, GradDot()), ("DataInf", None, DataInf()),
-            (f"LoGra ({s.logra_small}x{s.logra_small})", LoGra(s.logra_small, s.logra_small, seed), GaussNewton()),
-            (f"LoGra ({s.logra_paper}x{s.logra_paper})", LoGra(s.logra_paper, s.logra_paper, seed), GaussNewton()),
-            ("Gaussian", Gaussian(r=s.r, seed=seed), GaussNewton()), ("Dropout", Dropout(r=s.r, seed=seed), GaussNewton())]
+            (f"LoGra ({s.logra_small}x{s.logra_small})", LoGra(s.logra_small, s.logra_small, seed), GaussNewton(damping_rn=0)),
+            (f"LoGra ({s.logra_paper}x{s.logra_paper})", LoGra(s.logra_paper, s.logra_paper, seed), GaussNewton(damping_rn=0)),
+            ("Gaussian", Gaussian(r=s.r, seed=seed), GaussNewton(damping_rn=0)), ("Dropout", Dropout(r=s.r, seed=seed), GaussNewton(damping_rn=0))]
 
 
 def _loader(x, y, bs=128):

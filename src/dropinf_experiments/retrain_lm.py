@@ -135,7 +135,7 @@ def run(preset: str = "fast", out: str = "reports/retrain-lm", progress: bool = 
                     tr_f = feat.features(train_ds.loader(s.batch_size), "featurize train")
                     te_f = feat.features(test_ds.loader(s.batch_size), "featurize test")
                 with timed(t[name], "ihvp_s"):
-                    scores[name] = torch.from_numpy(influence(GaussNewton(), tr_f, te_f.mean())[0])
+                    scores[name] = torch.from_numpy(influence(GaussNewton(damping_rn=0), tr_f, te_f.mean())[0])
             times.append({"mode": mode, **t})
             for name, sc in scores.items():
                 order = np.argsort(sc.numpy(), kind="stable")   # most helpful first

@@ -56,8 +56,8 @@ def _time_setting(name, model, loss_fn, train_dl, query_dl, track, compressors, 
             best = secs if best is None else min(best, secs)
         q = feat.features(query_dl, f"{name}: {cname} (query)")
         width = sum(v.shape[1] for v in f.data.values())
-        est_list = [("Orig (GN)", GaussNewton()), ("DataInf", DataInf()), ("LiSSA (10 it.)", LiSSA()),
-                    ("Hessian-free", GradDot())] if cname == "Identity" else [("GaussNewton", GaussNewton())]
+        est_list = [("Orig (GN)", GaussNewton(damping_rn=0)), ("DataInf", DataInf()), ("LiSSA (10 it.)", LiSSA()),
+                    ("Hessian-free", GradDot())] if cname == "Identity" else [("GaussNewton", GaussNewton(damping_rn=0))]
         for ename, est in est_list:
             t0 = time.perf_counter()
             influence(est, f, q.mean())

@@ -1,4 +1,5 @@
-"""GaussNewton against an independent dense numpy implementation of eq. 3 with the paper's damping."""
+"""GaussNewton against an independent dense numpy implementation of eq. 3 with the paper's damping
+(scaled by max(1, c·r/n): c = 40 by default, 0 = the paper's rule)."""
 
 
 import numpy as np
@@ -11,28 +12,29 @@ from dropinf.store.features import Features
 from tests.helpers import ce_loss, fit_score, fit_self, loader, tiny_data, tiny_mlp
 
 
-def dense_reference(train: dict, query: dict) -> np.ndarray:
+def dense_reference(train: dict, query: dict, c: float = 40.0) -> np.ndarray:
     out = 0
     for name, g in train.items():
         g = g.double().numpy()
         n, r = g.shape
-        lam = 0.1 * np.mean(g ** 2)
+        lam = 0.1 * np.mean(g ** 2) * max(1.0, c * r / n)
         h = g.T @ g / n + lam * np.eye(r)
         out = out - query[name].double().numpy() @ np.linalg.solve(h, g.T)
     return out
 
 
-@pytest.mark.parametrize("r", [4, 30, 500])  # 500 > n exercises the Woodbury path
-def test_gauss_newton_matches_dense_formula(r):
+@pytest.mark.parametrize("c", [0.0, 40.0])          # the paper's rule; the default
+@pytest.mark.parametrize("r", [1, 4, 30, 500])  # 500 > n exercises the Woodbury path
+def test_gauss_newton_matches_dense_formula(r, c):
     gen = torch.Generator().manual_seed(r)
     train = {"a": torch.randn(60, min(r, 200), generator=gen), "b": torch.randn(60, r, generator=gen) * 3}
     query = {k: torch.randn(9, v.shape[1], generator=gen) for k, v in train.items()}
     tr = Features(train, {})
-    fitted = GN().fit(tr, None)
+    fitted = (GN() if c == 40.0 else GN(damping_rn=c)).fit(tr, None)
     got = fit_score(None, tr, Features(query, {}), fitted)
-    want = dense_reference(train, query)
+    want = dense_reference(train, query, c)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    self_want = np.diag(dense_reference(train, train))
+    self_want = np.diag(dense_reference(train, train, c))
     np.testing.assert_allclose(fit_self(None, tr, fitted), self_want, rtol=1e-4, atol=1e-6)
 
 
@@ -132,7 +134,7 @@ def test_float32_preconditioner_is_as_accurate_as_scoring_needs():
 def test_damping_rn_scales_lambda_with_r_over_n():
     gen = torch.Generator().manual_seed(3)
     train = Features({"a": torch.randn(100, 40, generator=gen), "b": torch.randn(100, 5, generator=gen)}, {})
-    plain, scaled = GN().fit(train), GN(damping_rn=10.0).fit(train)
+    plain, scaled = GN(damping_rn=0).fit(train), GN(damping_rn=10.0).fit(train)
     lam = {b.layers[0]: b.damping[b.layers[0]] for b in plain.blocks}
     got = {b.layers[0]: b.damping[b.layers[0]] for b in scaled.blocks}
     assert got["a"] == pytest.approx(lam["a"] * 10.0 * 40 / 100)         # r/n = 0.4: ×4

@@ -84,7 +84,7 @@ def dense_scores(mats, train: dict, query: dict) -> np.ndarray:
     return -sum(query[k].double().numpy() @ m @ train[k].double().numpy().T for k, m in mats.items())
 
 
-ESTIMATORS = {"gn": GaussNewton(), "datainf": DataInf(), "graddot": GradDot(), "lissa": LiSSA(),
+ESTIMATORS = {"gn": GaussNewton(damping_rn=0), "datainf": DataInf(), "graddot": GradDot(), "lissa": LiSSA(),
               "exact": ExactHessian(damping=0.01)}
 
 

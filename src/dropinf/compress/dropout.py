@@ -65,7 +65,7 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
-    r: RSpec = option(64, "r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
+    r: RSpec = option(1024, "r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
                           "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
     seed: int = option(0, "seeds the index sets / projections")
     scale: bool = option(False, "scale kept entries by sqrt(d/r)")
