@@ -72,7 +72,11 @@ def test_cli_builds_the_same_objects_as_before():
     a = parse(["topk", "m:f", "--store", "s", "--estimator", "lissa", "--lissa-scale", "1", "--iterations", "3"])
     assert _estimator(a) == LiSSA(iterations=3, scale=1.0)
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "exact"])) == ExactHessian()
+    # no --estimator: the measured default (dropinf.default_setting()), with the flags given applied to it
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
+        GaussNewton(damping=0.3, members=2)
+    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == GaussNewton()
+    assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "gauss-newton", "--damping", "0.3"])) == \
         GaussNewton(damping=0.3)
     assert _compressor(parse(["featurize", "m:f", "--store", "s", "--size", "32", "--rotate"])) == \
         Dropout(r=32, rotate=True)

@@ -77,13 +77,25 @@ def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
         from dropinf import Attributor, Dropout, GaussNewton, Identity
         comp = (Identity() if r is None else Dropout(r=r, seed=ctx.seed, rotate=True) if rotate
                 else Dropout(r=r, seed=ctx.seed))
-        with ctx.timer:
-            attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=GaussNewton(), track=ctx.names,
-                              progress=True)
+        with ctx.timer:     # the paper's damping rule (GaussNewton's default has damping_rn=40)
+            attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=GaussNewton(damping_rn=0),
+                              track=ctx.names, progress=True)
             attr.featurize(ctx.loader(ctx.train))
             scores = attr.score(ctx.loader(ctx.query))
         return {"scores": scores, "sign": 1}
     return run
+
+
+def dropinf_default(ctx: Ctx):
+    """``Attributor(model, loss_fn)`` with no compressor or estimator: dropinf.default_setting()
+    (its mask seeded by the round)."""
+    from dropinf import Attributor, default_setting
+    comp, est = default_setting(ctx.seed)
+    with ctx.timer:
+        attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=est, track=ctx.names, progress=True)
+        attr.featurize(ctx.loader(ctx.train))
+        scores = attr.score(ctx.loader(ctx.query))
+    return {"scores": scores, "sign": 1}
 
 
 def dropinf_ensemble(r: int, members: int, rotate: bool = True):
@@ -93,7 +105,8 @@ def dropinf_ensemble(r: int, members: int, rotate: bool = True):
         from dropinf import Attributor, Dropout, GaussNewton
         with ctx.timer:
             attr = Attributor(ctx.model, ctx.loss, compressor=Dropout(r=r, seed=ctx.seed, rotate=rotate),
-                              estimator=GaussNewton(members=members, member_seed=ctx.seed), track=ctx.names,
+                              estimator=GaussNewton(members=members, member_seed=ctx.seed, damping_rn=0),
+                              track=ctx.names,
                               progress=True)
             attr.featurize(ctx.loader(ctx.train))
             scores = attr.score(ctx.loader(ctx.query))
@@ -348,6 +361,7 @@ def captum_tracin(ctx: Ctx):
 # ------------------------------------------------------------------ the registry
 
 _MLP = {
+    "dropinf default": dropinf_default,
     "dropinf Dropout r=1024": dropinf(1024),
     "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
     "dropinf Dropout+rot r=4096": dropinf(4096, rotate=True),
@@ -364,6 +378,7 @@ _MLP = {
     "captum TracInCP": captum_tracin,
 }
 _TWEETS = {
+    "dropinf default": dropinf_default,
     "dropinf Dropout r=16": dropinf(16),
     "plain forward+backward": plain_pass,
     "dropinf Dropout r=512 x32 ens.": dropinf_ensemble(512, 32, rotate=False),

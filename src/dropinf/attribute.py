@@ -1,6 +1,6 @@
 """The user's entry point: featurize the training data once, score any number of query sets.
 
-    attr = Attributor(model, loss_fn, compressor=Dropout(r=64, seed=0), estimator=GaussNewton())
+    attr = Attributor(model, loss_fn)          # dropinf.default_setting(): Dropout(r=1024), GaussNewton(members=2)
     attr.featurize(train_loader)
     scores = attr.score(query_loader)      # numpy float32, shape (n_query, n_train)
 
@@ -25,8 +25,9 @@ from torch import nn
 from .capture.layers import TrackSpec
 from .ensemble import EnsembleScores
 from .errors import ConfigError, EmptyDataError, FeatureMismatchError
-from .estimators import ExactHessian, FitContext, GaussNewton, Preconditioner
+from .estimators import ExactHessian, FitContext, Preconditioner
 from .estimators.cache import PreconditionerCache
+from .methods import default_estimator
 from .report.options import ReportOptions
 from .score import open_scores_for_ranks
 from .score.topk import TopK
@@ -56,9 +57,10 @@ class Attributor:
     model:      a trained torch.nn.Module (evaluated at its current parameters)
     loss_fn:    loss_fn(model, batch) -> per-example losses (B,); the batch is whatever the
                 DataLoader yields (tensors, tuples, dicts)
-    compressor: default Dropout() (r=1024 per layer, dropinf.default_setting()); Identity() (Orig),
-                Dropout(r, seed), Gaussian(r, seed), ... (dropinf.paper_setting(): the paper's r=16)
-    estimator:  default GaussNewton() (damping_rn=40, measured); ExactHessian() (small models), ...
+    compressor: default Dropout() (r=1024 per layer); Identity() (Orig), Dropout(r, seed),
+                Gaussian(r, seed), ...
+    estimator:  default: GaussNewton(members=2) for Dropout (dropinf.default_setting(), measured),
+                GaussNewton() otherwise; dropinf.paper_setting() is the paper's Dropout(r=16) + rule
     track:      None → every nn.Linear; "all"; or module names / glob patterns / types
     score_options: ScoreOptions(device, dtype, query_batch, train_batch) for fit and scoring
                (default: the model's device, float32)
@@ -70,7 +72,7 @@ class Attributor:
     def __init__(self, model: nn.Module, loss_fn: LossFn, compressor=None, estimator=None,
                  track: TrackSpec = None, options: CaptureOptions | None = None, progress: bool = True,
                  score_options: ScoreOptions | None = None):
-        estimator = estimator if estimator is not None else GaussNewton()
+        estimator = estimator if estimator is not None else default_estimator(compressor)
         if options is None and isinstance(estimator, ExactHessian):
             # the validation reference: per-example gradients from torch.func, exact whatever the
             # model or loss_fn does (a regulariser inside loss_fn included), unless options say otherwise

@@ -73,9 +73,9 @@ def add_options(group, family: dict[str, type]) -> None:
             raise ValueError(f"field {f.name!r} has two flag spellings in one family ({key} and another); "
                              f"give them one spelling or different field names")
         same = len(e["defaults"]) == 1
-        default = f.default if same else None
+        default = None      # unset flags keep the instance's own value (build: the class default or ``base``)
         who = "" if len(e["methods"]) == len(family) else f"{', '.join(e['methods'])}: "
-        shown = f" (default: {default})" if same and default is not None and kind != "bool" else ""
+        shown = f" (default: {f.default})" if same and f.default is not None and kind != "bool" else ""
         help_text = f"{who}{f.metadata['help']}{shown}".replace("%", "%%")
         dest = f.name
         dests.add(dest)
@@ -87,15 +87,17 @@ def add_options(group, family: dict[str, type]) -> None:
             group.add_argument(*e["flags"], dest=dest, type=extra, default=default, help=help_text)
 
 
-def build(cls, args: argparse.Namespace, **fixed):
-    """An instance of ``cls`` from parsed flags: every documented field that the command line set
-    (a shared flag left at None keeps the class's own default); ``fixed`` fields given as they are."""
-    kwargs = dict(fixed)
+def build(cls, args: argparse.Namespace, base=None, **fixed):
+    """An instance of ``cls`` from parsed flags: every documented field that the command line set;
+    a flag left unset keeps ``base``'s value (an instance of ``cls``) or else the class's own
+    default; ``fixed`` fields given as they are."""
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init} if base is not None else {}
+    kwargs.update(fixed)
     for f in cli_fields(cls):
-        if not hasattr(args, f.name):
+        if not hasattr(args, f.name) or f.name in fixed:
             continue
         value = getattr(args, f.name)
-        if value is None and f.default is not None:
+        if value is None or (value is False and _kind(get_type_hints(cls)[f.name])[0] == "bool"):
             continue
         kwargs[f.name] = value
     return cls(**kwargs)

@@ -7,6 +7,7 @@ import torch
 
 from dropinf import Attributor, ConfigError, Dropout, GaussNewton, StoreOptions
 from dropinf.ensemble import member_features
+from dropinf.score import Scorer
 from tests.helpers import fit_score, fit_self
 from tests.store import fixture
 
@@ -56,13 +57,39 @@ def test_block_diagonal_fit_equals_the_mean_of_member_fits(compressor, tmp_path)
 
 def test_one_member_is_plain_gauss_newton_and_misuse_is_refused():
     t, train, query = _task()
-    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12, seed=1), progress=False)
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12, seed=1), estimator=GaussNewton(),
+                      progress=False)
     attr.featurize(train)
     tr, qu = attr.train_features, attr.compute_features(query)
     np.testing.assert_array_equal(fit_score(GaussNewton(members=1), tr, qu), fit_score(GaussNewton(), tr, qu))
     with pytest.raises(ConfigError, match="mask-ensemble fit"):
         attr.ensemble(qu)
-    with pytest.raises(ConfigError, match="members must be"):
-        GaussNewton(members=13).fit(tr)
+    # a layer narrower than K stays one plain block: here every layer keeps 12 < 13 coordinates
+    np.testing.assert_array_equal(fit_score(GaussNewton(members=13), tr, qu), fit_score(GaussNewton(), tr, qu))
     with pytest.raises(ConfigError, match="members must be"):
         GaussNewton(members=0).fit(tr)
+
+
+def test_default_estimator_is_the_two_member_ensemble_and_narrow_layers_stay_whole():
+    """Attributor(model, loss_fn) fits dropinf.default_setting(): Dropout(r=1024) split into two members;
+    a layer with fewer kept coordinates than members is one block that every member shares, so the
+    members' mean is still the ensemble's score."""
+    import dropinf
+    from dropinf.store.features import Features
+    comp, est = dropinf.default_setting()
+    assert comp == Dropout() and comp.r == 1024 and est.members == 2 and est.damping_rn == 40
+    paper = dropinf.paper_setting()
+    assert paper[0].r == 16 and paper[1].damping_rn == 0 and paper[1].members == 1
+    t, train, query = _task()
+    attr = Attributor(t["model"], t["loss_fn"], progress=False)
+    assert attr.estimator == est
+    attr.featurize(train)
+    ens = attr.ensemble(query)
+    np.testing.assert_allclose(ens.mean, attr.score(query), rtol=1e-4, atol=1e-5 * np.abs(ens.mean).max())
+    gen = torch.Generator().manual_seed(0)
+    tr = Features({"wide": torch.randn(40, 6, generator=gen), "one": torch.randn(40, 1, generator=gen)}, {})
+    qu = Features({"wide": torch.randn(3, 6, generator=gen), "one": torch.randn(3, 1, generator=gen)}, {})
+    pre = GaussNewton(members=2).fit(tr)
+    assert pre.members == 2 and [b.owner is None for b in pre.blocks] == [False, True]
+    both = [Scorer(pre.member(k), tr, progress=False).dense(qu) for k in range(2)]
+    np.testing.assert_allclose(np.mean(both, 0), Scorer(pre, tr, progress=False).dense(qu), rtol=1e-5)

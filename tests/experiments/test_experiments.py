@@ -85,7 +85,7 @@ def test_lds_smoke(tmp_path):
     text = check_report(tmp_path, ["Task mlp", "Task cnn", "Task lm", "LDS (oracle λ)"],
                         ["lds_mlp.png", "lds_cnn.png", "lds_lm.png", "lds.csv"])
     methods = {r["method"] for r in res}
-    assert {"Dropout", "Dropout+rot", "Dropout+rot+budget", "Gaussian", "Orig"} <= methods
+    assert {"Dropout", "Dropout+rot", "Dropout+rot+budget", "Gaussian", "Orig", "dropinf default"} <= methods
     assert any(m.startswith("LoGra") for m in methods) and any("ens." in m for m in methods)
     for r in res:      # equal bytes within a budget (Orig aside): every variant keeps the same total
         if r["method"] != "Orig":

@@ -83,7 +83,7 @@ class GaussNewton:
             # a projection to r_l > d_l dims still spans only d_l: damping_rn counts min(r_l, d_l)
             r_eff = min(train.layer_r(name), train.damping_dim(name))
             lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self._factor(r_eff, n), fixed)
-            if self.members > 1:
+            if 1 < self.members <= train.layer_r(name):     # a layer narrower than K stays one block
                 blocks.append(self._members_block(train, name, st.gram.pop(name), fixed))
                 continue
             if name in kern:
