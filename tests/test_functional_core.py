@@ -21,7 +21,8 @@ def test_featurizer_fit_scorer_equals_the_attributor(tmp_path):
     assert isinstance(pre, Preconditioner) and pre.n == len(t["train"])
     scores = Scorer(pre, rows, progress=False).dense(q)
 
-    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12, seed=3), progress=False)
+    attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=12, seed=3), estimator=GaussNewton(),
+                      progress=False)
     attr.featurize(train)
     np.testing.assert_allclose(scores, attr.score(query), rtol=1e-5, atol=1e-7)
 

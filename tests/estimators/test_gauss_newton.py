@@ -77,7 +77,7 @@ def test_dead_coordinates_on_digits_border_pixels_give_finite_scores():
 def test_end_to_end_scores_equal_dense_formula_on_captured_features():
     model = tiny_mlp().double()
     ds = tiny_data()
-    attr = Attributor(model, ce_loss, compressor=Dropout(r=9, seed=2), progress=False)
+    attr = Attributor(model, ce_loss, compressor=Dropout(r=9, seed=2), estimator=GN(), progress=False)
     train = attr.featurize(loader(ds))
     q = attr.compute_features(loader(ds, 5))
     np.testing.assert_allclose(attr.score(q), dense_reference(train.data, q.data), rtol=1e-4, atol=1e-5)

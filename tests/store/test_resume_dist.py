@@ -91,20 +91,21 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference):
     store = tmp_path / "store"
     torchrun(*featurize_args(store))
     assert files(store) == files(reference)
-    for est, extra in (("gauss-newton", []), ("datainf", []), ("gauss-newton", ["--members", "3"])):
+    # no --estimator: the default (a two-member ensemble); then plain GaussNewton, DataInf, three members
+    for est, extra in (("default", []), ("gauss-newton", []), ("datainf", []), ("gauss-newton", ["--members", "3"])):
         tag = est + "".join(extra)
         one, two = tmp_path / f"one-{tag}.npy", tmp_path / f"two-{tag}.npy"
-        res = run_cli("score", ENTRY, "--store", str(reference), "--out", str(one), "--estimator", est, *extra,
-                      "--no-progress")
+        chosen = [] if est == "default" else ["--estimator", est]
+        res = run_cli("score", ENTRY, "--store", str(reference), "--out", str(one), *chosen, *extra, "--no-progress")
         assert res.returncode == 0, res.stderr
-        torchrun("score", ENTRY, "--store", str(store), "--out", str(two), "--estimator", est, *extra,
-                 "--no-progress")
+        torchrun("score", ENTRY, "--store", str(store), "--out", str(two), *chosen, *extra, "--no-progress")
         a, b = np.load(one), np.load(two)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * np.abs(a).max())
     res = torchrun("topk", ENTRY, "--store", str(store), "-k", "4", "--no-progress")
     import json
     top = json.loads(res.stdout.strip().splitlines()[-1])
-    a = np.load(tmp_path / "one-gauss-newton.npy")
+    a = np.load(tmp_path / "one-default.npy")
+    assert not np.allclose(a, np.load(tmp_path / "one-gauss-newton.npy"))       # the default is not members=1
     np.testing.assert_array_equal(np.array(top["harmful_idx"]), np.argsort(-a, 1, kind="stable")[:, :4])
     np.testing.assert_array_equal(np.array(top["helpful_idx"]), np.argsort(a, 1, kind="stable")[:, :4])
 
