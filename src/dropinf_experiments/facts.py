@@ -283,10 +283,10 @@ def _verdict(summary: dict, s: FactsSettings) -> str:
              f"{orig - mrr['raw dot (full)']:+.3f} MRR; cosine against raw dot {mrr['cosine (full)'] - mrr['raw dot (full)']:+.3f}. "
              f"Normalising the preconditioned gradients changes MRR by {mrr['GaussNewton normalised (full)'] - orig:+.3f} "
              f"(full) and {mrr[f'Dropout r={top} normalised'] - mrr[f'Dropout r={top}']:+.3f} (Dropout r={top}).",
-             "- Where a lexical match is available (the query repeats the document's names), BM25 is a strong, cheap "
-             "first stage; gradient attribution answers a different question — which document's training step "
-             "lowered this completion's loss — and is what to use when the wording is not shared or when the "
-             "answer must reflect the model rather than the text."]
+             "- Every query here, paraphrases included, repeats the invented names, and those names occur only in the "
+             "fact's document and its two distractors: a lexical match is strong by construction. Gradient attribution "
+             "answers a different question — which document's training lowered this completion's loss — and needs no "
+             "shared wording; this table measures how close it gets to the planted answer."]
     return "\n".join(lines)
 
 

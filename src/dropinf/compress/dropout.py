@@ -65,8 +65,9 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
-    r: RSpec = option(1024, "r: coordinates kept (dropout) or projection size (gaussian) per layer; under torchrun "
-                          "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
+    r: RSpec = option(1024, "r: coordinates kept (dropout, default 1024) or projection size (gaussian, default 64) "
+                            "per layer; under torchrun "
+                            "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
     seed: int = option(0, "seeds the index sets / projections")
     scale: bool = option(False, "scale kept entries by sqrt(d/r)")
     sampler: int = SAMPLER
