@@ -48,6 +48,10 @@ class DropoutLayer(LayerCompressorBase):
         return out * self.factor if self.factor != 1.0 else out
 
 
+#: r per layer of the default Dropout() (dropinf.default_setting()); capped at each layer's size
+DEFAULT_R = 1024
+
+
 @dataclass(frozen=True)
 class Dropout:
     """Dropout compressor.
@@ -65,7 +69,7 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
-    r: RSpec = option(1024, "r: coordinates kept (dropout, default 1024) or projection size (gaussian, default 64) "
+    r: RSpec = option(DEFAULT_R, "r: coordinates kept (dropout, default 1024) or projection size (gaussian, default 64) "
                             "per layer; under torchrun "
                             "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
     seed: int = option(0, "seeds the index sets / projections")
@@ -88,7 +92,7 @@ class Dropout:
         if self.rotate:
             from .rotated import RotatedDropoutLayer
             return RotatedDropoutLayer(layer, r, self.seed, self.scale)
-        if r > layer.dim:
+        if r > layer.dim and self.r != DEFAULT_R:       # the default is documented as capped per layer
             warnings.warn(f"Dropout r={r} exceeds d={layer.dim} of layer {layer.name!r}; keeping "
                           f"all {layer.dim} coordinates.", stacklevel=3)
         return DropoutLayer(layer, r, self.seed, self.scale)
