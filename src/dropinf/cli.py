@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import add_options
     cg = fz.add_argument_group("compressor (every option below comes from the compressor dataclasses)")
     cg.add_argument("--compressor", choices=list(COMPRESSORS), default="dropout",
-                    help="dropout: r random coordinates per layer (the paper's method, default); gaussian: dense "
+                    help="dropout: r random coordinates per layer (the paper's method; default, r=1024); gaussian: dense "
                          "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
                          "compression (the paper's Orig)")
     add_options(cg, COMPRESSORS)
