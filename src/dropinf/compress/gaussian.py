@@ -7,12 +7,12 @@ generators (``Gaussian(generator=...)``, recorded in the signature):
   a CPU, but on a GPU every block not cached crosses the host-device link;
 * ``"hash"``: counter-based — each entry is a function of (layer seed, block, position) alone (a
   32-bit integer hash, lowbias32, applied twice, then the normal quantile function), computed on
-  the device where it is used with integer tensor ops. Nothing is copied and any block can be made anywhere in any order;
-  on a CPU it costs several times ``"cpu"``'s generation. Device float rounding aside, CPU and GPU
-  give the same P.
+  the device where it is used with integer tensor ops. Nothing is copied and any block can be
+  made anywhere in any order; on a CPU it costs about 30× ``"cpu"``'s generation. Device float
+  rounding aside, CPU and GPU give the same P.
 
-The blocks are kept, on the device and in the dtype they are
-used in, while this layer's cache stays under ``cache_mb`` — then a layer whose P fits is
+The blocks are kept, on the device and in the dtype they are used in, while this layer's cache
+stays under ``cache_mb`` — then a layer whose P fits is
 generated once per capture (the self-check reuses it) and costs the paper's O(r·d) arithmetic per
 example alone. Beyond the cap the remaining blocks are regenerated per batch (memory O(r·block)),
 and generating r·d normals per batch then dominates: at a 1.4 B-parameter model's scale that is

@@ -41,10 +41,10 @@ class GaussNewton:
              1/K; estimators.members); each member's scores stay available (Attributor.ensemble).
     member_seed: seeds that split.
     damping_rn: c > 0 multiplies the rule's λ_l by max(1, c · r_l / n) (r_l: the layer's, or a
-             member's, kept coordinates; a Gaussian projection with r_l > d_l counts d_l): the damping grows as r_l approaches n, where H̃'s n-sample
-             estimate is least reliable. The default c = 40 was measured best across tasks
-             (benchmarks/defaults.py); it equals the paper's rule while r_l ≤ n/40. 0 is the
-             paper's rule exactly (dropinf.paper_setting())."""
+             member's, kept coordinates; a projection with r_l > d_l counts d_l): the damping grows
+             as r_l approaches n, where H̃'s n-sample estimate is least reliable. The default
+             c = 40 was measured best across tasks (benchmarks/defaults.py); it equals the paper's
+             rule while r_l ≤ n/40. 0 is the paper's rule exactly (dropinf.paper_setting())."""
 
     damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
     damping: float | dict | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
