@@ -136,11 +136,11 @@ def one_seed(s: FactsSettings, seed: int, paragraphs: list[str], progress: bool)
     before = completion_nll(model, queries)
     t0 = time.perf_counter()
     losses = fine_tune(model, docs, s, seed, progress)
-    info = {"fine_tune_s": time.perf_counter() - t0, "train_loss": losses[-1], "nll_before": before, "nll_after": completion_nll(model, queries),
-            "kinds": kinds, "roles": corpus.role, "answer": answer}
+    info = {"fine_tune_s": time.perf_counter() - t0, "train_loss": losses[-1], "nll_before": before,
+            "nll_after": completion_nll(model, queries), "kinds": kinds, "roles": corpus.role, "answer": answer}
     t0 = time.perf_counter()
     bm = bm25_scores(corpus.docs, prompts, completions)
-    out = {"BM25 (lexical)": (ranks(bm, answer, higher_better=True), {"score_s": time.perf_counter() - t0}),}
+    out = {"BM25 (lexical)": (ranks(bm, answer, higher_better=True), {"score_s": time.perf_counter() - t0})}
     top1 = {"BM25 (lexical)": bm.argmax(1)}
     # one capture of the full LoRA gradients: training documents (their LM loss) and queries (the
     # completion's NLL), the same tracked layers
@@ -246,8 +246,8 @@ def _times(names, per_seed, infos) -> str:
     for name in names:
         secs = [res[name][1] for res in per_seed]
         cell = lambda k: f"{np.mean([x[k] for x in secs]):.2f}" if k in secs[0] else "-"   # noqa: E731
-        rows.append([name, f"{secs[0]['dims']:,}" if "dims" in secs[0] else "-", cell("compress_s"), cell("fit_score_s") if "fit_score_s" in secs[0]
-                     else cell("score_s")])
+        dims = f"{secs[0]['dims']:,}" if "dims" in secs[0] else "-"
+        rows.append([name, dims, cell("compress_s"), cell("fit_score_s" if "fit_score_s" in secs[0] else "score_s")])
     return (f"Fine-tuning {ft:.0f} s; one capture of the full LoRA gradients (train documents + queries) {cap:.1f} s, "
             "shared by every gradient method. 'compress' = deriving that method's rows from the full gradients "
             "(a fused capture computes the same rows inside the backward pass); 'fit + score' = the preconditioner "
@@ -280,7 +280,8 @@ def _verdict(summary: dict, s: FactsSettings) -> str:
              f"- dropinf default (Dropout r=1024 in two members, damping_rn=40): MRR {mrr['dropinf default']:.3f}, "
              f"{mrr['dropinf default'] - drop[best_drop]:+.3f} against the best Dropout row.",
              f"- Preconditioning matters most: GaussNewton against the raw gradient dot product "
-             f"{orig - mrr['raw dot (full)']:+.3f} MRR; cosine against raw dot {mrr['cosine (full)'] - mrr['raw dot (full)']:+.3f}. "
+             f"{orig - mrr['raw dot (full)']:+.3f} MRR; cosine against raw dot "
+             f"{mrr['cosine (full)'] - mrr['raw dot (full)']:+.3f}. "
              f"Normalising the preconditioned gradients changes MRR by {mrr['GaussNewton normalised (full)'] - orig:+.3f} "
              f"(full) and {mrr[f'Dropout r={top} normalised'] - mrr[f'Dropout r={top}']:+.3f} (Dropout r={top}).",
              "- Every query here, paraphrases included, repeats the invented names, and those names occur only in the "
