@@ -76,9 +76,14 @@ def lds_task(task: str, seeds: list[int], out_lds: str) -> dict:
             grid = [float(lds(_score(_with_factor(est, 0.1 * f), tr, qu)[0], gt).mean) for f in DAMPING_GRID]
             tuned.append(max(grid))
         res[name] = {"value": vals, "tuned": tuned, "seconds": secs,
-                     "bytes": 4 * sum(tr.layer_r(l) for l in tr.layer_names())}
+                     "bytes": _bytes(tr)}
         _line(task, name, res[name])
     return res
+
+
+def _bytes(feats) -> int:
+    """float32 bytes per example of a feature set."""
+    return 4 * sum(feats.layer_r(l) for l in feats.layer_names())
 
 
 def _with_factor(est, factor):
@@ -103,7 +108,7 @@ def mislabel_task(task: str, runs: int, progress: bool) -> dict:
             auc = mislabel_auc(sc.numpy(), flipped)
             aucs = [mislabel_auc(influence_on_mean(_with_factor(est, 0.1 * f), tr, va)[0].numpy(), flipped)
                     for f in (0.01, 0.1, 1.0, 10.0, 100.0)]
-            _add(res, name, auc, max(aucs), time.perf_counter() - t0, 4 * sum(tr.layer_r(l) for l in tr.layer_names()))
+            _add(res, name, auc, max(aucs), time.perf_counter() - t0, _bytes(tr))
         full = feats["train"]
         baselines = (("baseline: GradDot (full)", GradDot()),
                      ("baseline: Orig GaussNewton (full)", GaussNewton(damping_rn=0)))

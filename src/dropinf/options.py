@@ -93,11 +93,12 @@ def build(cls, args: argparse.Namespace, base=None, **fixed):
     default; ``fixed`` fields given as they are."""
     kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init} if base is not None else {}
     kwargs.update(fixed)
+    hints = get_type_hints(cls)
     for f in cli_fields(cls):
         if not hasattr(args, f.name) or f.name in fixed:
             continue
         value = getattr(args, f.name)
-        if value is None or (value is False and _kind(get_type_hints(cls)[f.name])[0] == "bool"):
+        if value is None or (value is False and _kind(hints[f.name])[0] == "bool"):
             continue
         kwargs[f.name] = value
     return cls(**kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+from typing import Iterator
 
 import numpy as np
 
@@ -11,24 +12,25 @@ from .packages import MissingDataError, package_dir
 DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
-def load_wiki_paragraphs(min_words: int = 30) -> list[str]:
-    """Paragraphs (≥ min_words words) of the non-redirect articles, in dump order."""
+def wiki_articles(min_words: int = 30) -> Iterator[tuple[str, list[str]]]:
+    """(title, paragraphs of ≥ min_words words) of every non-redirect article, in dump order."""
     folder = package_dir("gensim", "gensim", "The Wikipedia sample (inside the gensim wheel)", no_deps=False)
     path = folder / DUMP
     if not path.exists():
         raise MissingDataError(f"{path} is missing from the gensim install; reinstall gensim.")
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    paragraphs = []
     with bz2.open(path, "rb") as f:
         for title, text, _ in extract_pages(f, filter_namespaces=("0",)):
             if not text or text.lstrip().lower().startswith("#redirect"):
                 continue
-            for para in filter_wiki(text).split("\n\n"):
-                para = " ".join(para.replace("'''", "").replace("''", "").split())
-                if len(para.split()) >= min_words:
-                    paragraphs.append(para)
-    return paragraphs
+            paras = (" ".join(p.replace("'''", "").replace("''", "").split()) for p in filter_wiki(text).split("\n\n"))
+            yield title, [p for p in paras if len(p.split()) >= min_words]
+
+
+def load_wiki_paragraphs(min_words: int = 30) -> list[str]:
+    """Paragraphs (≥ min_words words) of the non-redirect articles, in dump order."""
+    return [p for _, paras in wiki_articles(min_words) for p in paras]
 
 
 TOPICS = ("Alabama", "Alaska", "Abraham Lincoln", "Albert Einstein", "Algorithm")
@@ -38,20 +40,12 @@ def load_wiki_topics(articles=TOPICS, min_words: int = 30) -> tuple[list[str], n
     """A topic-classification set: the paragraphs (≥ min_words words) of the given articles,
     labelled by article (0..k-1, in ``articles`` order). The default five include two US states,
     so the classes are not all far apart."""
-    folder = package_dir("gensim", "gensim", "The Wikipedia sample (inside the gensim wheel)", no_deps=False)
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
     want = {a: i for i, a in enumerate(articles)}
     texts, labels = [], []
-    with bz2.open(folder / DUMP, "rb") as f:
-        for title, text, _ in extract_pages(f, filter_namespaces=("0",)):
-            if title not in want or not text:
-                continue
-            for para in filter_wiki(text).split("\n\n"):
-                para = " ".join(para.replace("'''", "").replace("''", "").split())
-                if len(para.split()) >= min_words:
-                    texts.append(para)
-                    labels.append(want[title])
+    for title, paras in wiki_articles(min_words):
+        if title in want:
+            texts += paras
+            labels += [want[title]] * len(paras)
     missing = set(articles) - {articles[i] for i in set(labels)}
     if missing:
         raise MissingDataError(f"articles {sorted(missing)} are not in the gensim Wikipedia sample")
