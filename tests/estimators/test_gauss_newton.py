@@ -139,3 +139,10 @@ def test_damping_rn_scales_lambda_with_r_over_n():
     got = {b.layers[0]: b.damping[b.layers[0]] for b in scaled.blocks}
     assert got["a"] == pytest.approx(lam["a"] * 10.0 * 40 / 100)         # r/n = 0.4: ×4
     assert got["b"] == pytest.approx(lam["b"])                             # 10 · 5/100 < 1: the paper's rule
+    # a projection of a d=10 layer to r=40 spans 10 dims: damping_rn counts min(r, d) = 10, also per
+    # member (two members of 20), so 10 · 10/100 = 1 is the paper's rule for both
+    proj = Features({"a": train.data["a"]}, {}, damping_dims={"a": 10})
+    want = GN(damping_rn=0).fit(proj).blocks[0].damping["a"]
+    assert GN(damping_rn=10.0).fit(proj).blocks[0].damping["a"] == pytest.approx(want)
+    members = GN(damping_rn=10.0, members=2).fit(proj).blocks[0].member_damping["a"]
+    assert members == pytest.approx(GN(damping_rn=0, members=2).fit(proj).blocks[0].member_damping["a"])

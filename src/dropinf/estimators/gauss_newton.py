@@ -80,12 +80,11 @@ class GaussNewton:
                 dropped.append(name)
                 continue
             fixed = self.damping.get(name) if isinstance(self.damping, dict) else self.damping
-            # a projection to r_l > d_l dims still spans only d_l: damping_rn counts min(r_l, d_l)
-            r_eff = min(train.layer_r(name), train.damping_dim(name))
-            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name), self._factor(r_eff, n), fixed)
             if 1 < self.members <= train.layer_r(name):     # a layer narrower than K stays one block
                 blocks.append(self._members_block(train, name, st.gram.pop(name), fixed))
                 continue
+            lam = layer_damping(st.sumsq[name], n, train.damping_dim(name),
+                                self._factor(train.layer_r(name), train.damping_dim(name), n), fixed)
             if name in kern:
                 if lam <= 0:
                     raise ConfigError(f"layer {name!r} has r={train.layer_r(name)} > n={n}: undamped "
@@ -109,10 +108,12 @@ class GaussNewton:
         r, coordinate = train.layer_r(name), train.damping_dim(name) == train.layer_r(name)
         cols = member_columns(r, self.members, layer_member_seed(self.member_seed, train.layer_names(), name))
         m, lams, owner = member_block(gram, train.n, cols, None if coordinate else train.damping_dim(name),
-                                      self._factor(len(cols[0]), train.n), fixed, f"layer {name!r}")
+                                      self._factor(len(cols[0]), train.damping_dim(name), train.n), fixed,
+                                      f"layer {name!r}")
         return Block((name,), m.to(torch.float32).cpu(), damping={name: sum(lams.values()) / len(lams)},
                      owner=owner, member_damping={name: lams})
 
-    def _factor(self, r: int, n: int) -> float:
-        """The damping factor for a block of r kept coordinates fitted on n rows."""
-        return self.damping_factor * max(1.0, self.damping_rn * r / n)
+    def _factor(self, r: int, d: int, n: int) -> float:
+        """The damping factor for a block of r kept coordinates of a layer spanning d dims (a
+        projection to r > d still spans only d: damping_rn counts min(r, d)), fitted on n rows."""
+        return self.damping_factor * max(1.0, self.damping_rn * min(r, d) / n)
