@@ -17,10 +17,10 @@ def _compressor(a):
 
 
 def _estimator(a):
-    from .methods import ESTIMATORS, default_setting
+    from .methods import ESTIMATORS, default_estimator
     from .options import build
     if a.estimator is None:              # the measured default; flags given still apply to it
-        base = default_setting()[1]
+        base = default_estimator(None)
         return build(type(base), a, base=base)
     return build(ESTIMATORS[a.estimator], a)
 

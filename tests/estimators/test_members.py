@@ -78,6 +78,11 @@ def test_default_estimator_is_the_two_member_ensemble_and_narrow_layers_stay_who
     from dropinf.store.features import Features
     comp, est = dropinf.default_setting()
     assert comp == Dropout() and comp.r == 1024 and est.members == 2 and est.damping_rn == 40
+    # one default estimator whatever the mask seed: the Python front door (which sees the compressor)
+    # and the command line (which does not) fit a store the same way
+    assert dropinf.default_setting(3) == (Dropout(seed=3), est)
+    assert Attributor(torch.nn.Linear(2, 2), lambda m, b: m(b).sum(1), compressor=Dropout(seed=3),
+                      progress=False).estimator == est
     paper = dropinf.paper_setting()
     assert paper[0].r == 16 and paper[1].damping_rn == 0 and paper[1].members == 1
     t, train, query = _task()
