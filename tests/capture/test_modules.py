@@ -119,10 +119,13 @@ def test_track_combines_a_type_with_a_name_pattern_and_keeps_model_order():
 
 @pytest.mark.parametrize("groups,stride,pad,dil,flat", [(1, 1, 1, 1, False), (2, 2, 0, 1, False), (1, 1, 2, 2, False),
                                                         (1, 2, 1, 1, True)])
-def test_conv_reads_only_the_patch_columns_it_needs(groups, stride, pad, dil, flat, monkeypatch):
-    """Dropout on a conv whose kept entries touch few patch columns gathers those columns from the
-    padded input instead of unfolding every patch; the entries equal the full unfold's and the
-    true per-example gradient's."""
+@pytest.mark.parametrize("path", ["columns", "grouped-backward"])
+def test_conv_never_unfolds_every_patch_for_a_few_entries(groups, stride, pad, dil, flat, path, monkeypatch):
+    """Dropout on a conv never unfolds every patch for a few kept entries: either it gathers the
+    patch columns they touch from the padded input, or (cheaper when T is large and the weight
+    small) takes every example's weight gradient from one grouped convolution backward. Both
+    equal the full unfold's entries and the true per-example gradient, groups, strides,
+    dilation and flattened (several images per example) calls included."""
     from dropinf.capture.modules import Patches, Use, prepare_delta, use_spec
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride, pad, dilation=dil, groups=groups).double()
@@ -134,6 +137,9 @@ def test_conv_reads_only_the_patch_columns_it_needs(groups, stride, pad, dil, fl
     idx = torch.randperm(dim)[:8].sort().values
     d3 = prepare_delta(spec, d, B)
     full = Use(spec, Patches(spec, x, B).full(), d3).gather(idx, {})
+    monkeypatch.setattr(Patches, "grads_cheaper", lambda self, kept: path == "grouped-backward")
+    if path == "columns":
+        monkeypatch.setattr(Patches, "entries", lambda *a: (_ for _ in ()).throw(AssertionError("grouped")))
     monkeypatch.setattr(Patches, "full", lambda self: (_ for _ in ()).throw(AssertionError("unfolded everything")))
     partial = Use(spec, Patches(spec, x, B), d3).gather(idx, {})
     torch.testing.assert_close(partial, full, rtol=1e-12, atol=1e-12)

@@ -3,8 +3,8 @@
 Fused blocks are compressed inside the backward pass by the hooks of capture.hooks (the batch
 read from any dimension of a module's input: capture.layout); every other tracked block goes
 through torch.func per-example gradients (capture.functional) with the same compressor. On every
-batch that is not self-checked the backward is ``torch.autograd.grad`` with respect to a −0.0
-leaf added to each hooked output (capture.hooks): the hooks fire and no weight gradient is
+batch that is not self-checked the backward is ``torch.autograd.grad`` with respect to one
+leaf that every hooked output taps (capture.hooks): the hooks fire and no weight gradient is
 computed — the forward, the input-gradient backward and the gathers, about half a training step.
 A self-checked batch (and the first batch of a session) runs the full backward with respect to
 the tracked weights, each block's batch gradient compressed and released as autograd accumulates
@@ -146,7 +146,7 @@ class BatchCapture:
                 and bool(self.fused_names))
 
     def _lean_backward(self, losses: torch.Tensor, rnd: Round) -> None:
-        """The capture-only backward: the gradient of the −0.0 leaves alone (capture.hooks). Hooks
+        """The capture-only backward: the gradient of the tapped leaves alone (capture.hooks). Hooks
         that should have fired and did not (a module this path cannot reach) send the batch, and the
         rest of the session, back to the full backward."""
         leaves, rnd.leaves = list(rnd.leaves.values()), None     # no leaves from recomputed forwards

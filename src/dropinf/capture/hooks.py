@@ -8,11 +8,13 @@ the saved input and δ are released at once. Because the batch loss is the *sum*
 per-example losses and examples do not interact, δ[b] is exactly example b's output-gradient.
 
 Capture-only backward (``Round.leaves``): the hooks need each call's δ, not the weights' batch
-gradients. When the engine asks for it, every hooked call returns ``output + leaf`` — ``leaf`` a
-0-dim −0.0 tensor that requires grad (x + (−0.0) is x, bit for bit, for every x) — and the
+gradients. When the engine asks for it, every hooked call's output is passed, in place, through
+``_Tap`` — an identity that also takes ``leaf``, a 0-dim tensor that requires grad — and the
 backward asks autograd for the gradient of ``leaf`` alone: every hooked output lies on the path to
-it, so every hook fires with the same δ, while no weight gradient (a third of a training step's
-FLOPs, and the memory of every tracked weight's gradient) is ever computed.
+it, so every hook fires with the same δ (the tap passes δ through untouched, so the rows are the
+same bit for bit), while no weight gradient (a third of a training step's FLOPs, and the memory
+of every tracked weight's gradient) is ever computed, and no output-gradient is summed into the
+leaf either (the tap gives it none).
 
 A call the fused math cannot read — no batch dimension, an input modified in place after the
 call, anything the math raises — is not passed through: its block is named in ``Round.reroute``
@@ -55,8 +57,23 @@ class Round:
     shapes: dict = field(default_factory=dict)     # (module, call) -> (kind, input shape)
     reroute: dict = field(default_factory=dict)    # block -> why it cannot be fused
     low: set = field(default_factory=set)          # reduced-precision dtypes the hooked calls ran in
-    leaves: dict | None = None                     # device -> −0.0 leaf added to hooked outputs (None: off)
+    leaves: dict | None = None                     # device -> leaf tapped by hooked outputs (None: off)
     lean: bool = False                             # this round's backward was the capture-only one
+
+
+class _Tap(torch.autograd.Function):
+    """``output`` itself (in place, marked dirty), with the capture-only leaf as a second input: its
+    backward passes δ through unchanged and gives the leaf no gradient, so reaching the leaf costs
+    no reduction of any output-gradient (``output + leaf`` would sum each one into the leaf's)."""
+
+    @staticmethod
+    def forward(ctx, output, leaf):
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 class FusedHooks:
@@ -128,8 +145,8 @@ class FusedHooks:
                     leaf = rnd.leaves[output.device] = torch.full((), -0.0, device=output.device,
                                                                   requires_grad=True)
                 # in place, before anything reads the output (no copy of it); the hook then sits on
-                # the add's node, which lies on the path to leaf
-                output.add_(leaf)
+                # the tap's node, which lies on the path to leaf
+                output = _Tap.apply(output, leaf)
             output.register_hook(on_grad)
             return output
         return hook

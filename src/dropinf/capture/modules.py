@@ -15,14 +15,36 @@ Native layouts (row-major): Linear W (d_out, d_in); HF Conv1D W (d_in, d_out); C
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CHUNK_ELEMS = 1 << 22  # cap on B*T*r elements gathered at once (transient memory)
+_CHUNK_ELEMS = 1 << 18  # cap on B*T*r elements gathered at once: 1 MB fp32 temporaries stay in cache
+_GRADS_ELEMS = 1 << 22  # cap on the B·|W| numbers of per-example conv weight gradients held at once
+_POOL_ELEMS = 1 << 22   # scratch tensors reused up to this many elements per slot (16 MB fp32)
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
+
+
+_pool = threading.local()
+
+
+def _scratch(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A reused contiguous CPU tensor of ``shape`` for a gather's transient copy (two slots per
+    thread; the hooks run one at a time). A fresh CPU allocation of a megabyte or more is mapped
+    anew and page-faults on first touch, which costs more than the gather that fills it; on other
+    devices (a caching allocator), and above _POOL_ELEMS, a fresh tensor."""
+    n = math.prod(shape)
+    if like.device.type != "cpu" or n > _POOL_ELEMS:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _pool.__dict__.setdefault("bufs", {})
+    buf = pool.get((slot, like.dtype))
+    if buf is None or buf.numel() < n:
+        buf = pool[(slot, like.dtype)] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(shape)
 
 
 def _conv1d_type():
@@ -119,6 +141,32 @@ class Patches:
         got = xp.reshape(n, -1).index_select(1, maps[key]).reshape(n, cols.numel(), -1)   # (n, |cols|, L)
         return self._batch_major(got)
 
+    def grads_cheaper(self, kept: int) -> bool:
+        """Whole per-example weight gradients (one grouped convolution backward: B·|W| numbers,
+        the batch's weight-gradient FLOPs, run by the convolution library) beat reading ``kept``
+        entries column by column (2·B·T·kept numbers gathered) when |W| ≤ T·kept / 2."""
+        return 2 * self.spec.rows * self.spec.cols <= self.shape[1] * kept
+
+    def entries(self, d: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+        """(B, |native|): the per-example weight gradient at flat native indices ``native``, from
+        δ (B, T, C_out) — the batch folded into the channels, groups × B, so that the convolution
+        library's weight gradient is every example's at once; in chunks of examples that bound
+        the B·|W| numbers held."""
+        (kh, kw), stride, padding, dilation = self.spec.conv
+        n, C, H, W = self.x.shape
+        m, O = n // self.B, d.shape[-1]
+        step = max(1, _GRADS_ELEMS // (self.spec.rows * self.spec.cols))
+        out = []
+        for b0 in range(0, self.B, step):
+            b = min(step, self.B - b0)
+            x = self.x[b0 * m:(b0 + b) * m].reshape(b, m, C, H, W).transpose(0, 1).reshape(m, b * C, H, W)
+            g = d[b0:b0 + b].reshape(b, m, self.ho * self.wo, O).permute(1, 0, 3, 2).reshape(m, b * O, self.ho, self.wo)
+            w = x.new_empty(()).expand(b * O, C // self.spec.groups, kh, kw)   # only its shape is read
+            gw = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
+                                                     b * self.spec.groups, [False, True, False])[1]
+            out.append(gw.reshape(b, -1).index_select(1, native))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def _batch_major(self, cols: torch.Tensor) -> torch.Tensor:
         """(n, C', L) → (B, T, C') channel-first: a transposed view when n == B; batch-major
         flattened calls (capture.layout.FLAT) become (B, n/B·L, C')."""
@@ -146,29 +194,42 @@ class Use:
         if key not in maps:
             maps[key] = _index_maps(s, idx, self.d.device)
         w_pos, rows_o, cols_k, bias_pos, bias_o, plan = maps[key]
-        B = self.d.shape[0]
-        w = self._weight_entries(rows_o, cols_k, plan, maps) if w_pos.numel() else None
-        b = self.d[:, :, bias_o].sum(1) if bias_pos.numel() else None
-        if plan["prefix"]:        # sorted indices: the weight entries first, then the bias entries
-            parts = [t for t in (w, b) if t is not None]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        out = torch.zeros(B, idx.numel(), device=self.d.device, dtype=self.d.dtype)
-        if w is not None:
-            out[:, w_pos] = w
-        if b is not None:
-            out[:, bias_pos] = b
+        B, n_w, n_b = self.d.shape[0], w_pos.numel(), bias_pos.numel()
+        if plan["prefix"] and not n_b:          # sorted indices, no bias entry: the weight entries are the row
+            return self._weight_entries(rows_o, cols_k, plan, maps)
+        # sorted indices: the weight entries first, then the bias entries, written in place (no cat)
+        out = (torch.empty if plan["prefix"] else torch.zeros)(B, idx.numel(), device=self.d.device,
+                                                               dtype=self.d.dtype)
+        if n_w:
+            into = out[:, :n_w] if plan["prefix"] else None
+            w = self._weight_entries(rows_o, cols_k, plan, maps, into)
+            if into is None:
+                out[:, w_pos] = w
+            elif w is not into:
+                into.copy_(w)
+        if n_b:
+            b = self.d[:, :, bias_o].sum(1)
+            if plan["prefix"]:
+                out[:, n_w:] = b
+            else:
+                out[:, bias_pos] = b
         return out
 
-    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor, plan: dict, maps: dict) -> torch.Tensor:
+    def _weight_entries(self, o: torch.Tensor, k: torch.Tensor, plan: dict, maps: dict,
+                        into: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_t δ_t[o_s] · a_t[k_s] for output index o_s and input index k_s of each sample s.
 
-        Two ways, chosen per layer by cost: gather the r (o, k) columns of δ and a and sum their
-        products over t (O(B·T·r) memory traffic), or — when T is large and the kept entries
+        A convolution whose per-example weight gradients cost less than reading its kept entries
+        (Patches.grads_cheaper: large T, few weights — the early layers of a CNN) takes them all
+        from one grouped convolution backward and gathers. Otherwise two ways, chosen per layer
+        by cost: gather the r (o, k) columns of δ and a and sum their products over t (O(B·T·r) memory traffic), or — when T is large and the kept entries
         fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
         over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather. A
         convolution whose kept entries read at most half of its patch columns unfolds only those
         (Patches.columns); otherwise every patch once (F.unfold)."""
         d = self.d
+        if isinstance(self._a, Patches) and self._a.grads_cheaper(o.numel()):
+            return self._a.entries(d, plan["native"])
         if isinstance(self._a, Patches) and plan["uk"].numel() * 2 <= self._a.shape[2]:
             a = self._a.columns(plan["uk"], maps)              # only the columns K, in uk's order
             k, plan = plan["k_pos"], {**plan, "uk": torch.arange(plan["uk"].numel(), device=d.device)}
@@ -183,8 +244,9 @@ class Use:
                 hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
                 parts.append((hit * d[:, :, oo]).sum(1))
             return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
-        if T == 1:
-            return d[:, 0].index_select(1, o) * a[:, 0].index_select(1, k)
+        if T == 1:          # one position (an MLP): the product written straight to ``into``
+            return torch.mul(torch.index_select(d[:, 0], 1, o, out=_scratch(0, (B, o.numel()), d)),
+                             torch.index_select(a[:, 0], 1, k, out=_scratch(1, (B, k.numel()), a)), out=into)
         # channel-first (B, C, T) when that is the contiguous layout (conv: unfolded patches and
         # δ are stored that way), so that gathering channels copies whole rows
         d_cf, a_cf = d.transpose(1, 2), a.transpose(1, 2)
@@ -196,14 +258,16 @@ class Use:
                 sub = torch.bmm(d.index_select(2, plan["uo"]).transpose(1, 2), a.index_select(2, plan["uk"]))
             return sub.reshape(B, -1).index_select(1, plan["flat"])
         step = max(1, _CHUNK_ELEMS // max(1, B * T))
-        parts = []
+        out = into if into is not None else torch.empty(B, o.numel(), device=d.device, dtype=d.dtype)
         for s0 in range(0, o.numel(), step):
             oo, kk = o[s0:s0 + step], k[s0:s0 + step]
-            if cf:
-                parts.append((d_cf.index_select(1, oo) * a_cf.index_select(1, kk)).sum(-1))
-            else:
-                parts.append(torch.einsum("btr,btr->br", d.index_select(2, oo), a.index_select(2, kk)))
-        return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+            if cf:                           # (B, step, T) each side, summed over T
+                dd = torch.index_select(d_cf, 1, oo, out=_scratch(0, (B, oo.numel(), T), d))
+                out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a_cf, 1, kk, out=_scratch(1, dd.shape, a))).sum(-1)
+            else:                            # (B, T, step) each side, summed over T
+                dd = torch.index_select(d, 2, oo, out=_scratch(0, (B, T, oo.numel()), d))
+                out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=_scratch(1, dd.shape, a))).sum(1)
+        return out
 
     def full(self, dim: int) -> torch.Tensor:
         """The whole flat per-example gradient of the block (B, dim), zeros where this use has no say."""
@@ -277,7 +341,7 @@ def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
     n_w, n_b = w_pos.numel(), bias_pos.numel()
     prefix = bool((w_pos == torch.arange(n_w, device=device)).all()) and \
         bool((bias_pos == torch.arange(n_w, n_w + n_b, device=device)).all()) and n_w + n_b == idx.numel()
-    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix, "k_pos": k_inv}
+    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix, "k_pos": k_inv, "native": wi}
     return w_pos, o, k, bias_pos, bias_o, plan
 
 

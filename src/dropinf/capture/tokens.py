@@ -61,7 +61,7 @@ class TokenCapture(BatchCapture):
             rnd.leaves = {} if lean else None
             values = _token_values(self.loss_fn(self.model, batch))
             rnd.B = values.shape[0]
-            # capture-only backward (capture.hooks): the gradient of the −0.0 leaves, not of the weights
+            # capture-only backward (capture.hooks): the gradient of the tapped leaves, not of the weights
             targets = list(rnd.leaves.values()) if lean else self.fused_params
             rnd.leaves = None
             for t in range(values.shape[1]):
