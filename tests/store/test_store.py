@@ -222,7 +222,7 @@ def test_rows_stream_into_the_shard_batch_by_batch_and_shards_are_sized_by_bytes
     t, train, _ = task()
     appended = []
     real = disk_mod.ChunkWriter.append
-    monkeypatch.setattr(disk_mod.ChunkWriter, "append", lambda self, b: (appended.append(b.shape[0]), real(self, b)))
+    monkeypatch.setattr(disk_mod.ChunkWriter, "append", lambda self, b, *a: (appended.append(b.shape[0]), real(self, b, *a)))
     attr = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20, seed=3), progress=False)
     store = attr.featurize(train, store=tmp_path / "s")             # default: shards sized by bytes
     width = store.width                      # 2 layers × r=20 float32: 160 bytes a row, 64 MiB → the cap

@@ -8,6 +8,8 @@ Layout of a store folder::
                            every chunk's row range, byte size and checksum
     chunks/000000.bin      rows [0, C) × R_total columns, row-major, in the store dtype
     chunks/000000.json     the chunk's done-marker (written atomically after the data is synced)
+    chunks/000000.bin.partial(.ids, .json)   a chunk being written, or stopped part way: its rows,
+                           their ids and a resume record (store.chunk); gone once the chunk is done
     precond/NAME-HASH.npz  fitted preconditioners (see estimators.preconditioner), one per
                            estimator configuration, reused by ``Attributor.from_store``
 
@@ -33,16 +35,13 @@ import torch
 
 from ..errors import FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
 from .features import Features
-from .files import AtomicAppend, _atomic_write, _checksum_ok, _crc, write_bytes_atomic
+from .chunk import ChunkWriter
+from .files import _atomic_write, _checksum_ok, _crc, _dump
 from .locks import claim
 
 FORMAT = "dropinf-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "bfloat16": (np.uint16, torch.bfloat16)}
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -184,13 +183,14 @@ class FeatureStore:
     def write_chunk(self, k: int, block: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Write rows of chunk k (rows × width, float32 tensor) and then its done-marker. ``ids``:
         the dataset ids of the rows when some of the chunk's examples were dropped (None: all)."""
-        with self.chunk_writer(k) as w:
-            w.append(block)
-            w.finish(ids)
+        with self.chunk_writer(k, resume=False) as w:
+            w.append(block, ids, next=self.rows(k)[1])
+            w.finish()
 
-    def chunk_writer(self, k: int) -> "ChunkWriter":
-        """Chunk k written batch by batch (``append``), then ``finish(ids)``: memory bounded by a batch."""
-        return ChunkWriter(self, k)
+    def chunk_writer(self, k: int, resume: bool = True) -> ChunkWriter:
+        """Chunk k written batch by batch (``append``), then ``finish()``: memory bounded by a batch;
+        resumed where a previous run stopped inside it (store.chunk)."""
+        return ChunkWriter(self, k, resume)
 
     def finalize(self) -> None:
         """All chunks done: record them in the manifest and mark the store complete."""
@@ -302,49 +302,3 @@ class FeatureStore:
                 "compressor": m["signature"].get("compressor"), "model": m["signature"].get("model"),
                 "layers": len(self.layers), "columns": self.width,
                 "bytes": sum(self.data_path(k).stat().st_size for k in range(self.n_chunks) if self.data_path(k).exists())}
-
-
-class ChunkWriter:
-    """One chunk of a FeatureStore, streamed: ``append(rows)`` converts a (b, width) block to the
-    store's dtype and writes it to the chunk's temporary file (checksummed as it goes);
-    ``finish(ids)`` commits the file, the ids if examples were dropped, and the done-marker last.
-    Leaving the ``with`` block without ``finish`` (an error, an interruption) leaves no partial
-    chunk behind."""
-
-    def __init__(self, store: FeatureStore, k: int):
-        self.store, self.k, self.rows = store, k, 0
-        dp = store.data_path(k)
-        for stale in dp.parent.glob(dp.name + ".*.tmp"):     # left by a killed writer (we hold the chunk's lock)
-            stale.unlink(missing_ok=True)
-        self.file = AtomicAppend(dp)
-
-    def __enter__(self) -> "ChunkWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.discard()
-
-    def append(self, block: torch.Tensor) -> None:
-        st = self.store
-        if block.dim() != 2 or block.shape[1] != st.width:
-            raise StoreError(f"chunk {self.k} rows must be (rows, {st.width}), got {tuple(block.shape)}")
-        t = block.to(st.torch_dtype).contiguous()
-        arr = t.view(torch.uint16).numpy() if st.torch_dtype == torch.bfloat16 else t.numpy()
-        self.file.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-        self.rows += block.shape[0]
-
-    def finish(self, ids: torch.Tensor | None = None) -> None:
-        st, k = self.store, self.k
-        start, stop = st.rows(k)
-        want = stop - start if ids is None else int(ids.numel())
-        if self.rows != want:
-            raise StoreError(f"chunk {k} expects {want} rows, got {self.rows}")
-        self.file.commit()
-        dp = st.data_path(k)
-        entry = {"id": k, "rows": [start, stop], "n_rows": want, "file": f"chunks/{dp.name}",
-                 "bytes": self.file.nbytes, "crc32c": self.file.crc}
-        if ids is not None:
-            ib = memoryview(np.ascontiguousarray(ids.to(torch.int64).numpy())).cast("B")
-            write_bytes_atomic(st.ids_path(k), ib)
-            entry["ids_crc32c"] = _crc(ib)
-        _atomic_write(st.marker_path(k), _dump(entry))

@@ -4,6 +4,7 @@ StoreError, and shard checksums (CRC-32C; sha256 for stores written before)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -54,52 +55,6 @@ def write_bytes_atomic(path: Path, data) -> None:
             tmp.unlink()
 
 
-class AtomicAppend:
-    """A file written piece by piece: bytes go to a per-process temporary file and into a running
-    CRC-32C; ``commit()`` fsyncs and renames it over ``path``. Without a commit (an error, an
-    interruption) the temporary file is removed, so ``path`` is whole or absent. A full disk is a
-    StoreError."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = Path(path), _tmp_name(Path(path))
-        self.nbytes, self._crc = 0, 0
-        self._f = open(self.tmp, "wb")
-
-    def write(self, buf) -> None:
-        try:
-            self._f.write(buf)
-        except OSError as exc:
-            self._fail(exc, len(buf))
-        self._crc = crc32c.crc32c(buf, value=self._crc)
-        self.nbytes += len(buf)
-
-    @property
-    def crc(self) -> str:
-        return f"{self._crc:08x}"
-
-    def commit(self) -> None:
-        try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.tmp, self.path)
-        except OSError as exc:
-            self._fail(exc, self.nbytes)
-
-    def discard(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
-
-    def _fail(self, exc: OSError, nbytes: int):
-        self.discard()
-        err = disk_full(exc, self.path, nbytes)
-        if err is None:
-            raise exc
-        raise err from exc
-
-
 def _atomic_write(path: Path, text: str) -> None:
     write_bytes_atomic(path, text)
 
@@ -124,3 +79,7 @@ def _checksum_ok(entry: dict, path: Path, buf=None) -> bool:
             buf = path.read_bytes()
         return _crc(buf) == entry["crc32c"]
     return _sha256(path) == entry.get("sha256")
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"

@@ -3,7 +3,8 @@
 Rows are processed in fixed chunks of ``chunk_size`` examples (chunk k = dataset rows
 [kC, (k+1)C); by default as many rows as fill ``chunk_mb``). Each chunk runs through its own
 loader over those rows, with the user's batch size and collate function, and is streamed batch by
-batch into its shard file (store.disk.ChunkWriter: memory bounded by one batch). Examples the
+batch into its shard file (store.chunk.ChunkWriter: memory bounded by one batch; a run that stops
+inside a chunk is resumed from its last recorded batch). Examples the
 collate function drops are left out and the chunk records the dataset ids it holds, so a chunk's
 bytes do not depend on which process computed it or whether the run was interrupted before.
 Under ``torchrun --nproc-per-node N`` rank i computes chunks k ≡ i (mod N); rank 0 finalizes the
@@ -127,20 +128,23 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
 
 
 def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int, bar) -> int:
-    """Chunk k, batch by batch into its file (memory: one batch); returns the rows it showed on the bar."""
+    """Chunk k, batch by batch into its file (memory: one batch), from where a previous run stopped
+    inside it (store.chunk); returns the dataset positions it showed on the bar."""
     start, stop = store.rows(k)
-    kept, shown = [], 0
     with store.chunk_writer(k) as out:
-        for ids, batch in chunk_loader(loader, start, stop):
+        shown = out.resumed
+        bar.update(shown)
+        position = out.next
+        for ids, batch in chunk_loader(loader, out.next, stop):
+            position = min(position + loader.batch_size, stop)    # batches cover consecutive positions
             if batch is None:          # the collate function dropped every example of this batch
-                continue
-            ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
-            raise_nonfinite(bad, lays)
-            out.append(torch.cat([feats[l.name].cpu() for l in layers], 1))
-            kept.append(ids)
-            bar.update(loss.shape[0])
-            shown += loss.shape[0]
-        ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-        # rows a collate function dropped are absent; the chunk records which ids it holds
-        out.finish(None if out.rows == stop - start else ids)
+                out.advance(position)
+            else:
+                ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
+                raise_nonfinite(bad, lays)
+                # rows a collate function dropped are absent; the chunk records which ids it holds
+                out.append(torch.cat([feats[l.name].cpu() for l in layers], 1), ids, position)
+            bar.update(position - start - shown)
+            shown = position - start
+        out.finish()
     return shown
