@@ -74,7 +74,7 @@ def test_cli_builds_the_same_objects_as_before():
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "exact"])) == ExactHessian()
     # no --estimator: the measured default (dropinf.default_setting()), with the flags given applied to it
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
-        GaussNewton(damping=0.3, members=2)
+        GaussNewton(damping=0.3, members=4)
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == GaussNewton()
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "gauss-newton", "--damping", "0.3"])) == \
         GaussNewton(damping=0.3)

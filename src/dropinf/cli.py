@@ -31,7 +31,7 @@ def _add_estimator(p):
     g = p.add_argument_group("estimator (what stands for H^-1; every option below comes from the estimator "
                              "dataclasses)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=None,
-                   help="default: dropinf's measured default, gauss-newton with members=2 and damping-rn=40 (see "
+                   help="default: dropinf's measured default, gauss-newton with members=4 and damping-rn=40 (see "
                         "dropinf.default_setting()); gauss-newton: per-layer damped Gauss-Newton (paper eq. 3) with "
                         "the class's own options (members=1); datainf: "
                         "Sherman-Morrison average (eq. 9-10); lissa: truncated Neumann series (eq. 7-8); "
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import add_options
     cg = fz.add_argument_group("compressor (every option below comes from the compressor dataclasses)")
     cg.add_argument("--compressor", choices=list(COMPRESSORS), default="dropout",
-                    help="dropout: r random coordinates per layer (the paper's method; default, r=1024); gaussian: dense "
+                    help="dropout: r random coordinates per layer (the paper's method; default, r=2048); gaussian: dense "
                          "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
                          "compression (the paper's Orig)")
     add_options(cg, COMPRESSORS)

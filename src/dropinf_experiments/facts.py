@@ -277,7 +277,7 @@ def _verdict(summary: dict, s: FactsSettings) -> str:
              f"{para[lex]:.3f}.",
              f"- Best Dropout setting: {best_drop} (MRR {drop[best_drop]:.3f}, {drop[best_drop] - orig:+.3f} against the "
              f"uncompressed GaussNewton, {orig:.3f}) at a small fraction of its bytes.",
-             f"- dropinf default (Dropout r=1024 in two members, damping_rn=40): MRR {mrr['dropinf default']:.3f}, "
+             f"- dropinf default (dropinf.default_setting()): MRR {mrr['dropinf default']:.3f}, "
              f"{mrr['dropinf default'] - drop[best_drop]:+.3f} against the best Dropout row.",
              f"- Preconditioning matters most: GaussNewton against the raw gradient dot product "
              f"{orig - mrr['raw dot (full)']:+.3f} MRR; cosine against raw dot "

@@ -24,6 +24,7 @@ Every method's result is cached in OUT/results/TASK (delete it to recompute).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -218,11 +219,13 @@ def _default_rows(task, s, out, model, train_dl, query_dl, gt, record, rows: lis
     import dataclasses
     from dropinf import default_setting
     for seed in s.mask_seeds:
-        done = os.path.join(out, "results", task, f"default_seed{seed}.json")
+        comp, est = default_setting(seed)
+        # keyed by the setting itself: a cached row of an earlier default is not this default's
+        key = hashlib.sha1(repr((comp, est)).encode()).hexdigest()[:10]
+        done = os.path.join(out, "results", task, f"default_{key}_seed{seed}.json")
         if os.path.exists(done):
             rows += json.load(open(done))
             continue
-        comp, est = default_setting(seed)
         _, tr, qu, feat_s = _features(model, task, comp, train_dl, query_dl)
         sc, t = _score(est, tr, qu)
         v = float(lds(sc, gt).mean)
@@ -286,7 +289,7 @@ def run(preset: str = "fast", out: str = "reports/lds", progress: bool = True):
                f"truth (an upper bound; 'oracle factor' is blank where the chosen λ was best). Mean ± std over mask seeds {list(s.mask_seeds)}. Ensembles: {s.members} disjoint "
                "masks splitting the same rotated coordinates (equal bytes), GaussNewton at the rule. 'dropinf default' "
                "is what Attributor(model, loss_fn) uses with no compressor or estimator (dropinf.default_setting(): "
-               "Dropout r=1024 per layer, GaussNewton with damping_rn=40); its 'λ rule' column is its own damping and "
+               "Dropout r=2048 per layer in four members of 512, GaussNewton with damping_rn=40); its 'λ rule' column is its own damping and "
                "its oracle the best grid factor times it.")
     all_rows = []
     for task in s.tasks:

@@ -70,14 +70,14 @@ def test_one_member_is_plain_gauss_newton_and_misuse_is_refused():
         GaussNewton(members=0).fit(tr)
 
 
-def test_default_estimator_is_the_two_member_ensemble_and_narrow_layers_stay_whole():
-    """Attributor(model, loss_fn) fits dropinf.default_setting(): Dropout(r=1024) split into two members;
+def test_default_estimator_is_the_four_member_ensemble_and_narrow_layers_stay_whole():
+    """Attributor(model, loss_fn) fits dropinf.default_setting(): Dropout(r=2048) split into four members;
     a layer with fewer kept coordinates than members is one block that every member shares, so the
     members' mean is still the ensemble's score."""
     import dropinf
     from dropinf.store.features import Features
     comp, est = dropinf.default_setting()
-    assert comp == Dropout() and comp.r == 1024 and est.members == 2 and est.damping_rn == 40
+    assert comp == Dropout() and comp.r == 2048 and est.members == 4 and est.damping_rn == 40
     # one default estimator whatever the mask seed: the Python front door (which sees the compressor)
     # and the command line (which does not) fit a store the same way
     assert dropinf.default_setting(3) == (Dropout(seed=3), est)
@@ -85,6 +85,8 @@ def test_default_estimator_is_the_two_member_ensemble_and_narrow_layers_stay_who
                       progress=False).estimator == est
     paper = dropinf.paper_setting()
     assert paper[0].r == 16 and paper[1].damping_rn == 0 and paper[1].members == 1
+    mis = dropinf.mislabel_setting(2)
+    assert mis == (Dropout(r=1024, seed=2), GaussNewton(members=128))
     t, train, query = _task()
     attr = Attributor(t["model"], t["loss_fn"], progress=False)
     assert attr.estimator == est

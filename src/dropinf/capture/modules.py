@@ -161,7 +161,8 @@ class Patches:
             b = min(step, self.B - b0)
             x = self.x[b0 * m:(b0 + b) * m].reshape(b, m, C, H, W).transpose(0, 1).reshape(m, b * C, H, W)
             g = d[b0:b0 + b].reshape(b, m, self.ho * self.wo, O).permute(1, 0, 3, 2).reshape(m, b * O, self.ho, self.wo)
-            w = x.new_empty(()).expand(b * O, C // self.spec.groups, kh, kw)   # only its shape is read
+            shape = (b * O, C // self.spec.groups, kh, kw)        # the weight: only its shape is read
+            w = x.new_empty(()).expand(shape) if x.device.type == "cpu" else x.new_empty(shape)
             gw = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
                                                      b * self.spec.groups, [False, True, False])[1]
             out.append(gw.reshape(b, -1).index_select(1, native))
@@ -222,8 +223,9 @@ class Use:
         A convolution whose per-example weight gradients cost less than reading its kept entries
         (Patches.grads_cheaper: large T, few weights — the early layers of a CNN) takes them all
         from one grouped convolution backward and gathers. Otherwise two ways, chosen per layer
-        by cost: gather the r (o, k) columns of δ and a and sum their products over t (O(B·T·r) memory traffic), or — when T is large and the kept entries
-        fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
+        by cost: gather the r (o, k) columns of δ and a and sum their products over t (O(B·T·r)
+        memory traffic, in cache-sized chunks through reused scratch tensors), or — when T is
+        large and the kept entries fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
         over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather. A
         convolution whose kept entries read at most half of its patch columns unfolds only those
         (Patches.columns); otherwise every patch once (F.unfold)."""

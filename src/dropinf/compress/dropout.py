@@ -49,7 +49,7 @@ class DropoutLayer(LayerCompressorBase):
 
 
 #: r per layer of the default Dropout() (dropinf.default_setting()); capped at each layer's size
-DEFAULT_R = 1024
+DEFAULT_R = 2048
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     """
 
-    r: RSpec = option(DEFAULT_R, "r: coordinates kept (dropout, default 1024) or projection size (gaussian, default 64) "
+    r: RSpec = option(DEFAULT_R, "r: coordinates kept (dropout, default 2048) or projection size (gaussian, default 64) "
                             "per layer; under torchrun "
                             "write --size (torchrun mistakes --r for its own options)", flag=("--size", "--r"))
     seed: int = option(0, "seeds the index sets / projections")

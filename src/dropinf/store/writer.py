@@ -46,8 +46,8 @@ class StoreOptions:
     (a plain path means these defaults)."""
 
     path: str | Path
-    chunk_size: int | None = option(None, "rows per shard: the unit that is resumed after an interruption and "
-                                          "split across torchrun processes (default: as many rows as fill "
+    chunk_size: int | None = option(None, "rows per shard: the unit split across torchrun processes (an "
+                                          "interrupted run resumes inside a shard) (default: as many rows as fill "
                                           "--chunk-mb, or the size a store being resumed was started with)")
     chunk_mb: float = option(64.0, "shard size in MiB when --chunk-size is not given (rows between 16 and 16384)")
     dtype: Literal["float32", "float16", "bfloat16"] = option(
