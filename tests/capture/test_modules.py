@@ -126,7 +126,8 @@ def test_conv_never_unfolds_every_patch_for_a_few_entries(groups, stride, pad, d
     small) takes every example's weight gradient from one grouped convolution backward. Both
     equal the full unfold's entries and the true per-example gradient, groups, strides,
     dilation and flattened (several images per example) calls included."""
-    from dropinf.capture.modules import Patches, Use, prepare_delta, use_spec
+    from dropinf.capture.conv import Patches
+    from dropinf.capture.modules import Use, prepare_delta, use_spec
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride, pad, dilation=dil, groups=groups).double()
     B, m = 3, (2 if flat else 1)
