@@ -86,28 +86,20 @@ def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
     return run
 
 
-def dropinf_default(ctx: Ctx):
-    """``Attributor(model, loss_fn)`` with no compressor or estimator: dropinf.default_setting()
-    (its mask seeded by the round)."""
-    from dropinf import Attributor, default_setting
-    comp, est = default_setting(ctx.seed)
-    with ctx.timer:
-        attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=est, track=ctx.names, progress=True)
-        attr.featurize(ctx.loader(ctx.train))
-        scores = attr.score(ctx.loader(ctx.query))
-    return {"scores": scores, "sign": 1}
-
-
-def dropinf_mislabel(ctx: Ctx):
-    """dropinf.mislabel_setting(): Dropout(r=1024) in 128 members of 8 (measured best for mislabel
-    detection; README)."""
-    from dropinf import Attributor, mislabel_setting
-    comp, est = mislabel_setting(ctx.seed)
-    with ctx.timer:
-        attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=est, track=ctx.names, progress=True)
-        attr.featurize(ctx.loader(ctx.train))
-        scores = attr.score(ctx.loader(ctx.query))
-    return {"scores": scores, "sign": 1}
+def dropinf_setting(name: str):
+    """One of dropinf's named settings, its mask seeded by the round: "default_setting" — what
+    ``Attributor(model, loss_fn)`` uses with no compressor or estimator — or "mislabel_setting"
+    (Dropout(r=1024) in 128 members of 8, measured best for mislabel detection; README)."""
+    def run(ctx: Ctx):
+        import dropinf
+        from dropinf import Attributor
+        comp, est = getattr(dropinf, name)(ctx.seed)
+        with ctx.timer:
+            attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=est, track=ctx.names, progress=True)
+            attr.featurize(ctx.loader(ctx.train))
+            scores = attr.score(ctx.loader(ctx.query))
+        return {"scores": scores, "sign": 1}
+    return run
 
 
 def dropinf_ensemble(r: int, members: int, rotate: bool = True):
@@ -373,7 +365,7 @@ def captum_tracin(ctx: Ctx):
 # ------------------------------------------------------------------ the registry
 
 _MLP = {
-    "dropinf default": dropinf_default,
+    "dropinf default": dropinf_setting("default_setting"),
     "dropinf Dropout r=1024": dropinf(1024),
     "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
     "dropinf Dropout+rot r=4096": dropinf(4096, rotate=True),
@@ -390,11 +382,11 @@ _MLP = {
     "captum TracInCP": captum_tracin,
 }
 _TWEETS = {
-    "dropinf default": dropinf_default,
+    "dropinf default": dropinf_setting("default_setting"),
     "dropinf Dropout r=16": dropinf(16),
     "plain forward+backward": plain_pass,
     "dropinf Dropout r=512 x32 ens.": dropinf_ensemble(512, 32, rotate=False),
-    "dropinf mislabel setting": dropinf_mislabel,
+    "dropinf mislabel setting": dropinf_setting("mislabel_setting"),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),
