@@ -86,3 +86,13 @@ def test_a_torn_tail_is_cut_off_and_a_record_that_does_not_match_restarts_the_ch
     _featurize(task, tmp_path / "s", seen=seen)
     assert int(torch.cat(seen).min()) == 0
     assert _files(tmp_path / "s") == _files(tmp_path / "ref")
+
+
+def test_a_whole_chunk_written_at_once_must_hold_every_row(task, tmp_path):
+    """write_chunk without ids is a whole chunk: a short block is refused, not taken for dropped rows."""
+    from dropinf import StoreError
+    store = _featurize(task, tmp_path / "s")
+    before = _files(tmp_path / "s")
+    with pytest.raises(StoreError, match="chunk 0 expects 200 rows, got 150"):
+        store.write_chunk(0, torch.zeros(150, store.width))
+    assert _files(tmp_path / "s") == before

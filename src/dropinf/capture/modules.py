@@ -150,8 +150,9 @@ class Use:
         from one grouped convolution backward and gathers. Otherwise two ways, chosen per layer
         by cost: gather the r (o, k) columns of δ and a and sum their products over t (O(B·T·r)
         memory traffic, in cache-sized chunks through reused scratch tensors), or — when T is
-        large and the kept entries fall in few rows/columns (convolutions) — one batched matmul of δ[:, :, O]ᵀ a[:, :, K]
-        over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work), then a gather. A
+        large and the kept entries fall in few rows/columns (convolutions) — one batched matmul of
+        δ[:, :, O]ᵀ a[:, :, K] over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work),
+        then a gather. A
         convolution whose kept entries read at most half of its patch columns unfolds only those
         (Patches.columns); otherwise every patch once (F.unfold)."""
         d = self.d

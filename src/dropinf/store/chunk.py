@@ -34,7 +34,7 @@ STATE_EVERY_S = 1.0          # the resume record is rewritten at most this often
 
 
 class ChunkWriter:
-    """Chunk k of ``store``: ``append(rows, ids, next_position)`` per batch, then ``finish()``.
+    """Chunk k of ``store``: ``append(rows, ids, next)`` per batch, then ``finish()``.
     ``next`` is the dataset position to continue from (the chunk's start, or where a previous run
     stopped) and ``rows`` the rows already written. ``resume=False`` starts the chunk afresh."""
 
@@ -99,9 +99,9 @@ class ChunkWriter:
             raise exc
         raise err from exc
 
-    def append(self, block: torch.Tensor, ids: torch.Tensor | None = None, next: int | None = None) -> None:
-        """Rows (b, width) of dataset ids ``ids`` (default: the next b positions); ``next``: the
-        dataset position after this batch (default: after its last id)."""
+    def append(self, block: torch.Tensor, ids: torch.Tensor | None, next: int) -> None:
+        """Rows (b, width) of dataset ids ``ids`` (None: the next b positions); ``next``: the
+        dataset position after this batch."""
         st = self.store
         if block.dim() != 2 or block.shape[1] != st.width:
             raise StoreError(f"chunk {self.k} rows must be (rows, {st.width}), got {tuple(block.shape)}")
@@ -118,7 +118,7 @@ class ChunkWriter:
         self._crc = crc32c.crc32c(buf, value=self._crc)
         self._write(self._ids, memoryview(np.ascontiguousarray(ids.to(torch.int64).numpy())).cast("B"))
         self.rows += b
-        self.advance(next if next is not None else int(ids.max()) + 1 if b else self.next)
+        self.advance(next)
 
     def advance(self, next: int) -> None:
         """The chunk's next dataset position (after a batch, or a batch the collate function emptied)."""

@@ -183,8 +183,11 @@ class FeatureStore:
     def write_chunk(self, k: int, block: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Write rows of chunk k (rows × width, float32 tensor) and then its done-marker. ``ids``:
         the dataset ids of the rows when some of the chunk's examples were dropped (None: all)."""
+        start, stop = self.rows(k)
+        if ids is None and block.shape[0] != stop - start:
+            raise StoreError(f"chunk {k} expects {stop - start} rows, got {block.shape[0]}")
         with self.chunk_writer(k, resume=False) as w:
-            w.append(block, ids, next=self.rows(k)[1])
+            w.append(block, ids, next=stop)
             w.finish()
 
     def chunk_writer(self, k: int, resume: bool = True) -> ChunkWriter:
