@@ -100,3 +100,43 @@ def test_default_estimator_is_the_four_member_ensemble_and_narrow_layers_stay_wh
     assert pre.members == 2 and [b.owner is None for b in pre.blocks] == [False, True]
     both = [Scorer(pre.member(k), tr, progress=False).dense(qu) for k in range(2)]
     np.testing.assert_allclose(np.mean(both, 0), Scorer(pre, tr, progress=False).dense(qu), rtol=1e-5)
+
+
+def test_members_keep_only_their_blocks_and_the_grouped_gram_is_the_full_grams_blocks(tmp_path):
+    """The fit accumulates each group's block of GᵀG and keeps M as (K, m, m): the same as the
+    blocks of the full Gram matrix; a format-/1 file (members as a dense r × r M) still loads."""
+    from dropinf.estimators.preconditioner import Block, Preconditioner, member_index
+    from dropinf.estimators.members import member_owner
+    from dropinf.estimators.stats import gram_pass
+    from dropinf.store.features import Features
+    gen = torch.Generator().manual_seed(0)
+    tr = Features({"a": torch.randn(50, 23, generator=gen), "b": torch.randn(50, 9, generator=gen)}, {})
+    qu = Features({"a": torch.randn(4, 23, generator=gen), "b": torch.randn(4, 9, generator=gen)}, {})
+    owner = member_owner(23, 4, seed=2)
+    idx, inv = member_index(owner)
+    assert idx.shape == (4, 6) and (idx[3, 5] == 23) and torch.equal(idx.reshape(-1)[inv], torch.arange(23))
+    full = gram_pass(tr, device="cpu").gram["a"]
+    grouped = gram_pass(tr, device="cpu", grouped={"a": idx}, layers=["a"]).gram["a"]
+    assert grouped.shape == (4, 6, 6)
+    padded = torch.nn.functional.pad(full, (0, 1, 0, 1))
+    torch.testing.assert_close(grouped, padded[idx[:, :, None], idx[:, None, :]], rtol=1e-5, atol=1e-5)
+
+    pre = GaussNewton(members=4).fit(tr)
+    blk = pre.blocks[0]
+    assert blk.form == "members" and blk.matrix is None and blk.parts.shape == (4, 6, 6)
+    m = blk.dense()
+    o = blk.owner
+    assert (m[o[:, None] != o[None, :]] == 0).all() and (m[o[:, None] == o[None, :]] != 0).any()   # block-diagonal
+    want = Scorer(pre, tr, progress=False).dense(qu)
+    legacy = Preconditioner(pre.estimator, pre.n, [Block(b.layers, b.dense().float(), b.scale, damping=b.damping,
+                                                         owner=b.owner, member_damping=b.member_damping)
+                                                   for b in pre.blocks], pre.dropped, pre.info)
+    legacy.save(tmp_path / "p.npz")
+    back = Preconditioner.load(tmp_path / "p.npz")
+    assert [b.form for b in back.blocks] == ["members", "members"]
+    np.testing.assert_allclose(Scorer(back, tr, progress=False).dense(qu), want, rtol=1e-5)
+    pre.save(tmp_path / "q.npz")
+    again = Preconditioner.load(tmp_path / "q.npz")
+    np.testing.assert_array_equal(Scorer(again, tr, progress=False).dense(qu), want)
+    np.testing.assert_array_equal(Scorer(again.member(1), tr, progress=False).dense(qu),
+                                  Scorer(pre.member(1), tr, progress=False).dense(qu))

@@ -15,7 +15,7 @@ def _by_hand(attr, qf, mode):
     qs, gs = [], []
     for b in pre.blocks:
         (name,) = b.layers
-        m = b.matrix.double() if b.matrix is not None else torch.eye(tr.data[name].shape[1], dtype=torch.float64) * b.scale
+        m = b.dense(tr.data[name].shape[1])
         w, v = torch.linalg.eigh(m)
         half = v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T
         qs.append(qf.data[name].double() @ half)

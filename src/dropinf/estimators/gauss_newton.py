@@ -26,8 +26,8 @@ import torch
 from ..options import option
 from ..errors import ConfigError
 from .base import (FitContext, ctx_or_default, dead_layer, kernel_layers, layer_damping, spd_inverse)
-from .preconditioner import Block, Preconditioner, estimator_signature
-from .members import layer_member_seed, member_block, member_columns
+from .preconditioner import Block, Preconditioner, estimator_signature, member_index
+from .members import layer_member_seed, member_block, member_owner
 from .stats import gram_groups, gram_pass
 
 
@@ -61,17 +61,22 @@ class GaussNewton:
         if self.members < 1:
             raise ConfigError(f"members must be ≥ 1, got {self.members}")
         kern = kernel_layers(train, enabled=self.members == 1)   # members: each its own dense block
+        # members: each layer's column groups (a layer narrower than K stays one block)
+        owners = {name: member_owner(train.layer_r(name), self.members,
+                                     layer_member_seed(self.member_seed, train.layer_names(), name))
+                  for name in train.layer_names() if 1 < self.members <= train.layer_r(name)}
+        grouped = {name: member_index(o)[0] for name, o in owners.items()}
         blocks, dropped, mean_eig = [], [], {}
-        groups = gram_groups(train, kern, ctx.fit_memory_mb)
+        groups = gram_groups(train, kern, ctx.fit_memory_mb, grouped)
         for i, group in enumerate(groups):      # memory: one run's statistics at a time
             desc = "precondition" + (f" (layers {i + 1}/{len(groups)})" if len(groups) > 1 else "")
             st = gram_pass(train, device=ctx.device, shard=ctx.shard, kernel_layers=kern, progress=ctx.progress,
-                           layers=group, desc=desc)
-            self._fit_layers(train, group, kern, st, blocks, dropped, mean_eig)
+                           layers=group, desc=desc, grouped={l: grouped[l] for l in group if l in grouped})
+            self._fit_layers(train, group, kern, st, blocks, dropped, mean_eig, owners)
             del st
         return Preconditioner(estimator_signature(self), n, blocks, dropped, {"hessian_mean_eig": mean_eig})
 
-    def _fit_layers(self, train, names, kern, st, blocks, dropped, mean_eig) -> None:
+    def _fit_layers(self, train, names, kern, st, blocks, dropped, mean_eig, owners) -> None:
         n = train.n
         for name in names:
             # trace(G̃ᵀG̃/n)/r: the mean eigenvalue of H̃_l, beside λ_l for the damping diagnostic
@@ -80,8 +85,8 @@ class GaussNewton:
                 dropped.append(name)
                 continue
             fixed = self.damping.get(name) if isinstance(self.damping, dict) else self.damping
-            if 1 < self.members <= train.layer_r(name):     # a layer narrower than K stays one block
-                blocks.append(self._members_block(train, name, st.gram.pop(name), fixed))
+            if name in owners:
+                blocks.append(self._members_block(train, name, st.gram.pop(name), owners[name], fixed))
                 continue
             lam = layer_damping(st.sumsq[name], n, train.damping_dim(name),
                                 self._factor(train.layer_r(name), train.damping_dim(name), n), fixed)
@@ -103,15 +108,15 @@ class GaussNewton:
                 m = spd_inverse(h, f"H̃ of layer {name!r}").to(torch.float32).cpu()
                 blocks.append(Block((name,), m, damping={name: lam}))
 
-    def _members_block(self, train, name: str, gram: torch.Tensor, fixed) -> Block:
-        """Layer ``name`` as K members (estimators.members)."""
-        r, coordinate = train.layer_r(name), train.damping_dim(name) == train.layer_r(name)
-        cols = member_columns(r, self.members, layer_member_seed(self.member_seed, train.layer_names(), name))
-        m, lams, owner = member_block(gram, train.n, cols, None if coordinate else train.damping_dim(name),
-                                      self._factor(len(cols[0]), train.damping_dim(name), train.n), fixed,
-                                      f"layer {name!r}")
-        return Block((name,), m.to(torch.float32).cpu(), damping={name: sum(lams.values()) / len(lams)},
-                     owner=owner, member_damping={name: lams})
+    def _members_block(self, train, name: str, grams: torch.Tensor, owner: torch.Tensor, fixed) -> Block:
+        """Layer ``name`` as K members (estimators.members), from its grouped Gram matrix (K, m, m)."""
+        coordinate = train.damping_dim(name) == train.layer_r(name)
+        sizes = torch.bincount(owner, minlength=grams.shape[0]).tolist()
+        parts, lams = member_block(grams, train.n, sizes, None if coordinate else train.damping_dim(name),
+                                   self._factor(sizes[0], train.damping_dim(name), train.n), fixed,
+                                   f"layer {name!r}")
+        return Block((name,), damping={name: sum(lams.values()) / len(lams)}, owner=owner,
+                     member_damping={name: lams}, parts=parts.to(torch.float32).cpu())
 
     def _factor(self, r: int, d: int, n: int) -> float:
         """The damping factor for a block of r kept coordinates of a layer spanning d dims (a

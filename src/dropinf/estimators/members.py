@@ -7,7 +7,8 @@ preconditioner that is block-diagonal within the layer:
 
     M_l = (1/K) · blockdiag_k (H̃_lk⁻¹)      (rows and columns in the layer's own column order)
 
-so the ensemble is one ``Preconditioner`` served by the one ``Scorer`` — score, top-k, per-layer,
+kept as its K blocks (the preconditioner's members form; the fit accumulates only those blocks
+of the Gram matrix, estimators.stats), so the ensemble is one ``Preconditioner`` served by the one ``Scorer`` — score, top-k, per-layer,
 self-influence, stores, torchrun, reports — and each member's own scores stay available
 (``member_preconditioner``: the spread of a score across members, top-k stability).
 """
@@ -33,24 +34,30 @@ def layer_member_seed(seed: int, names: list[str], name: str) -> int:
     return seed + sorted(names).index(name)
 
 
-def member_block(gram: torch.Tensor, n: int, cols: list[torch.Tensor], damping_dim: int | None, factor: float,
-                 fixed: float | None, what: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """(M_l (r × r, float64, block-diagonal over ``cols``, scaled 1/K), {member: λ_lk}, member id
-    of every column) from the layer's Gram matrix Gᵀ G (r × r). ``damping_dim``: D_k of the rule for
-    every member (None: coordinate sampling, D_k = the member's own size)."""
-    r, K = gram.shape[0], len(cols)
-    m = torch.zeros(r, r, dtype=torch.float64, device=gram.device)
-    owner = torch.empty(r, dtype=torch.long)
-    lams = {}
-    for k, c in enumerate(cols):
-        c_dev = c.to(gram.device)
-        g = gram.index_select(0, c_dev).index_select(1, c_dev)
-        lam = layer_damping(float(g.diagonal().sum()), n, damping_dim or c.numel(), factor, fixed)
-        if lam <= 0 and c.numel() > n:
-            raise ConfigError(f"{what}: member {k} keeps {c.numel()} coordinates > n={n}; undamped Gauss-Newton "
-                              f"is singular there. Use damping > 0, fewer coordinates or more members.")
-        h = g / n + lam * torch.eye(c.numel(), dtype=torch.float64, device=gram.device)
-        m[c_dev[:, None], c_dev[None, :]] = spd_inverse(h, f"H̃ of member {k} of {what}") / K
+def member_owner(width: int, members: int, seed: int = 0) -> torch.Tensor:
+    """(width,) the group of every column under ``member_columns``."""
+    owner = torch.empty(width, dtype=torch.long)
+    for k, c in enumerate(member_columns(width, members, seed)):
         owner[c] = k
+    return owner
+
+
+def member_block(grams: torch.Tensor, n: int, sizes: list[int], damping_dim: int | None, factor: float,
+                 fixed: float | None, what: str) -> tuple[torch.Tensor, dict]:
+    """(the members' blocks of M_l (K, m, m) float64, zero-padded, each H̃_lk⁻¹ / K; {member: λ_lk})
+    from the layer's grouped Gram matrix (K, m, m) (estimators.stats, ``grouped``), group k
+    holding ``sizes[k]`` columns. ``damping_dim``: D_k of the rule for every member (None:
+    coordinate sampling, D_k = the member's own size)."""
+    K = grams.shape[0]
+    parts = torch.zeros_like(grams)
+    lams = {}
+    for k, size in enumerate(sizes):
+        g = grams[k, :size, :size]
+        lam = layer_damping(float(g.diagonal().sum()), n, damping_dim or size, factor, fixed)
+        if lam <= 0 and size > n:
+            raise ConfigError(f"{what}: member {k} keeps {size} coordinates > n={n}; undamped Gauss-Newton "
+                              f"is singular there. Use damping > 0, fewer coordinates or more members.")
+        h = g / n + lam * torch.eye(size, dtype=torch.float64, device=grams.device)
+        parts[k, :size, :size] = spd_inverse(h, f"H̃ of member {k} of {what}") / K
         lams[k] = lam
-    return m, lams, owner
+    return parts, lams
