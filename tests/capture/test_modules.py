@@ -150,3 +150,25 @@ def test_conv_never_unfolds_every_patch_for_a_few_entries(groups, stride, pad, d
         (d[b * m:(b + 1) * m] * conv(x[b * m:(b + 1) * m])).sum().backward()
         want.append(torch.cat([conv.weight.grad.reshape(-1), conv.bias.grad])[idx])
     torch.testing.assert_close(partial, torch.stack(want), rtol=1e-10, atol=1e-10)
+
+
+class SeqNet(nn.Module):
+    """Linear layers over positions (B, T, d): LoRA-sized factors whose kept entries reach every row
+    and column at a large r (the batched-matmul gather reads δ and a without copying them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Linear(6, 2, bias=False)
+        self.up = nn.Linear(2, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(self.down(x)) + x).sum(1))
+
+
+@pytest.mark.parametrize("r", [2, 10, 40], ids=["few", "most", "all"])
+def test_linear_over_positions_every_gather_path(r):
+    torch.manual_seed(0)
+    model = SeqNet().double()
+    batch = (torch.randn(5, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    capture_check(model, batch, Dropout(r=r, seed=3))

@@ -180,10 +180,12 @@ class Use:
         d_cf, a_cf = d.transpose(1, 2), a.transpose(1, 2)
         cf = d_cf.is_contiguous() and a_cf.is_contiguous()
         if plan["uo"].numel() * plan["uk"].numel() <= _BMM_RATIO * o.numel():
+            # a side whose kept entries reach every row (column) is read as it is, not copied
+            pick = lambda x, dim, u: x if u.numel() == x.shape[dim] else x.index_select(dim, u)
             if cf:
-                sub = torch.bmm(d_cf.index_select(1, plan["uo"]), a_cf.index_select(1, plan["uk"]).transpose(1, 2))
+                sub = torch.bmm(pick(d_cf, 1, plan["uo"]), pick(a_cf, 1, plan["uk"]).transpose(1, 2))
             else:
-                sub = torch.bmm(d.index_select(2, plan["uo"]).transpose(1, 2), a.index_select(2, plan["uk"]))
+                sub = torch.bmm(pick(d, 2, plan["uo"]).transpose(1, 2), pick(a, 2, plan["uk"]))
             return sub.reshape(B, -1).index_select(1, plan["flat"])
         step = max(1, _CHUNK_ELEMS // max(1, B * T))
         out = into if into is not None else torch.empty(B, o.numel(), device=d.device, dtype=d.dtype)
