@@ -11,7 +11,7 @@ from .errors import (CaptureCheckError, CaptureError, ConfigError, DropinfError,
                      IncompatibleMethodError, LossShapeError, MissingDataError, NonFiniteGradientError,
                      NoTrackableLayersError, StoreError)
 from .estimators import DataInf, ExactHessian, GaussNewton, GradDot, LiSSA, Preconditioner
-from .methods import default_setting, mislabel_setting, paper_setting
+from .methods import default_setting, mislabel_estimator, mislabel_setting, paper_setting
 from .score import ScoreOptions, TopK
 from .store import Features
 from .report.options import ReportOptions
@@ -20,7 +20,7 @@ from .store.featurizer import Featurizer
 from .store.writer import StoreOptions
 
 
-__all__ = ["Attributor", "Featurizer", "default_setting", "mislabel_setting", "paper_setting", "split_budget", "BudgetOptions", "CaptureOptions", "ScoreOptions", "StoreOptions",
+__all__ = ["Attributor", "Featurizer", "default_setting", "mislabel_estimator", "mislabel_setting", "paper_setting", "split_budget", "BudgetOptions", "CaptureOptions", "ScoreOptions", "StoreOptions",
            "ReportOptions", "TopK", "Preconditioner", "Dropout", "Gaussian", "Identity", "LoGra", "DataInf",
            "ExactHessian", "GaussNewton", "GradDot", "LiSSA", "Features", "DropinfError", "CaptureCheckError", "CaptureError", "ConfigError", "EmptyDataError",
            "FeatureMismatchError", "IncompatibleMethodError", "LossShapeError", "MissingDataError",

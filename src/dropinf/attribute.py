@@ -13,8 +13,9 @@ raises q's loss (harmful), negative means it lowers it (helpful).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .analyses import Analyses
 from .capture.layers import TrackSpec
-from .ensemble import EnsembleScores
 from .errors import ConfigError, EmptyDataError, FeatureMismatchError
 from .estimators import ExactHessian, FitContext, Preconditioner
+from .estimators.preconditioner import estimator_signature
 from .estimators.cache import PreconditionerCache
 from .methods import default_estimator
 from .report.options import ReportOptions
@@ -49,9 +51,10 @@ class Fitted:
     preconditioner: Preconditioner
     status: str                          # "fitted", or "loaded PATH" when reused from a store
     ids: torch.Tensor | None = None      # the train rows' dataset ids, read once
+    others: dict = field(default_factory=dict)   # other estimators fitted on the same rows (fitted_with)
 
 
-class Attributor:
+class Attributor(Analyses):
     """Influence of every training example on every query example.
 
     model:      a trained torch.nn.Module (evaluated at its current parameters)
@@ -208,24 +211,39 @@ class Attributor:
         """Fit on ``source`` (streamed; on ``score_options.device`` or the model's device; split
         across torchrun ranks) and make it the fitted state. With a store, a preconditioner saved
         there for the same estimator options is loaded instead, and a new fit is saved."""
+        pre, status = self._fit_estimator(source, self.estimator)
+        self.state = Fitted(source, pre, status)
+        return pre
+
+    def fitted_with(self, estimator) -> Preconditioner:
+        """``estimator``'s preconditioner on this attributor's train rows — its own fit for
+        ``self.estimator``; any other is fitted once on the same rows and kept (and saved beside
+        a store), e.g. the mislabel estimator of ``mislabeled``."""
+        state = self.fitted("fitted_with(estimator)")
+        if estimator == self.estimator:
+            return state.preconditioner
+        key = json.dumps(estimator_signature(estimator), sort_keys=True)
+        if key not in state.others:
+            state.others[key] = self._fit_estimator(state.train, estimator)[0]
+        return state.others[key]
+
+    def _fit_estimator(self, source: RowSource, estimator) -> tuple[Preconditioner, str]:
         on_disk = isinstance(source, FeatureStore)
-        cache = PreconditionerCache(source.precond_dir, self.estimator) if on_disk else None
+        cache = PreconditionerCache(source.precond_dir, estimator) if on_disk else None
         pre = cache.load(source.n, self._say) if cache is not None else None
         if pre is not None:
-            self.state = Fitted(source, pre, f"loaded {cache.path}")
-            return pre
+            return pre, f"loaded {cache.path}"
         if on_disk:
-            self._say(f"dropinf: fitting {type(self.estimator).__name__} on {source.n} stored rows "
+            self._say(f"dropinf: fitting {type(estimator).__name__} on {source.n} stored rows "
                       f"(no saved preconditioner with these options in {source.path})")
         ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
                          self.train_loader, self.progress, self.score_device, self._shard(),
                          self.featurizer.to_device, self.score_options.fit_memory_mb)
         with self.featurizer.mode():
-            pre = self.estimator.fit(source, ctx)
-        self.state = Fitted(source, pre, "fitted")
+            pre = estimator.fit(source, ctx)
         if cache is not None and ctx.shard.rank == 0:
             cache.save(pre)
-        return pre
+        return pre, "fitted"
 
     def _say(self, msg: str) -> None:
         if self.progress:
@@ -291,23 +309,6 @@ class Attributor:
             state.ids = state.train.row_ids()
         return state.ids
 
-    def ensemble(self, query, reduce: Literal["none", "mean"] = "none", options: ScoreOptions | None = None,
-                 measure: LossFn | None = None) -> EnsembleScores:
-        """Each member's own scores of a mask-ensemble fit (``GaussNewton(members=K)``):
-        ``.members`` (K, n_query, n_train), ``.mean`` (= ``score``), ``.std`` (the spread of each
-        score across members), ``.topk_stability(k)``."""
-        pre = self.fitted("ensemble(query)").preconditioner
-        if pre.members < 2:
-            raise ConfigError("ensemble() needs a mask-ensemble fit: estimator=GaussNewton(members=K) with K ≥ 2")
-        q = self._query(query, reduce, measure)
-        return EnsembleScores(np.stack([self._scorer(options, pre.member(k)).dense(q) for k in range(pre.members)]))
-
-    def self_influence(self, options: ScoreOptions | None = None) -> np.ndarray:
-        """I(i, i) for every train example, shape (n_train,). Always ≤ 0 for PSD M; large −I(i,i)
-        marks unusual (often mislabeled) examples. O(n·R²) for every estimator."""
-        self.fitted("self_influence()")
-        return self._scorer(options).self_influence()
-
     def report(self, query, out: str | Path = "report.html", options: ReportOptions | None = None, **kw) -> Path:
         """Write one self-contained HTML page to browse this attribution; returns its path.
 
@@ -320,19 +321,6 @@ class Attributor:
         """
         from .report import attribution_report
         return attribution_report(self, query, out, ReportOptions.of(options, **kw))
-
-    def token_scores(self, query, measure: LossFn, options: ScoreOptions | None = None) -> np.ndarray:
-        """Token-level influence, float32 (n_query, T, n_train): scores[q, t, i] is the influence of
-        train example i on token t of query q, for a measure returning (B, T) values (e.g.
-        ``dropinf.measures.token_nll``: which training examples drove each generated token).
-        Summed over t it equals ``score(query, measure=<the summed measure>)`` (influence is linear
-        in the measure). One backward pass per token column; batches of different T are padded
-        with zero scores. Only layers with fused hooks (Linear, Conv1D, Conv2d, Embedding, LoRA)."""
-        self.fitted("token_scores(query, measure)")
-        data, n_q, T = self.featurizer.token_rows(query, measure)
-        rows = Features(data, self.signature(), torch.zeros(n_q * T), self.featurizer.damping_dims(),
-                        torch.arange(n_q * T))
-        return self.score(rows, options=options).reshape(n_q, T, -1)
 
     def _query(self, query, reduce, measure=None):
         if isinstance(query, RowSource):          # rows captured already (Features, FeatureStore)

@@ -86,7 +86,7 @@ def test_default_estimator_is_the_four_member_ensemble_and_narrow_layers_stay_wh
     paper = dropinf.paper_setting()
     assert paper[0].r == 16 and paper[1].damping_rn == 0 and paper[1].members == 1
     mis = dropinf.mislabel_setting(2)
-    assert mis == (Dropout(r=1024, seed=2), GaussNewton(members=128))
+    assert mis == (Dropout(seed=2), GaussNewton(member_size=8)) and mis[0].r == comp.r
     t, train, query = _task()
     attr = Attributor(t["model"], t["loss_fn"], progress=False)
     assert attr.estimator == est
@@ -140,3 +140,33 @@ def test_members_keep_only_their_blocks_and_the_grouped_gram_is_the_full_grams_b
     np.testing.assert_array_equal(Scorer(again, tr, progress=False).dense(qu), want)
     np.testing.assert_array_equal(Scorer(again.member(1), tr, progress=False).dense(qu),
                                   Scorer(pre.member(1), tr, progress=False).dense(qu))
+
+
+def test_member_size_gives_every_layer_groups_of_m_equal_to_their_blocks_inverted_by_hand():
+    """GaussNewton(member_size=m): ⌈r_l/m⌉ groups per layer, each its own H̃ and λ; scores equal
+    −q M gᵀ with M = blockdiag(H̃_k⁻¹)/K_l built by hand in float64. Per-member scores need one K."""
+    from dropinf.estimators.base import layer_damping
+    from dropinf.store.features import Features
+    gen = torch.Generator().manual_seed(1)
+    tr = Features({"a": torch.randn(60, 23, generator=gen).double(), "b": torch.randn(60, 9, generator=gen).double()}, {})
+    qu = Features({"a": torch.randn(3, 23, generator=gen).double(), "b": torch.randn(3, 9, generator=gen).double()}, {})
+    est = GaussNewton(member_size=4)
+    pre = est.fit(tr)
+    assert [b.parts.shape for b in pre.blocks] == [(6, 4, 4), (3, 3, 3)]
+    want = torch.zeros(3, 60, dtype=torch.float64)
+    for b in pre.blocks:
+        (name,) = b.layers
+        g, q, K = tr.data[name], qu.data[name], int(b.owner.max()) + 1
+        m = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)
+        for k in range(K):
+            c = torch.nonzero(b.owner == k).flatten()
+            gk = g[:, c]
+            lam = layer_damping(float((gk * gk).sum()), 60, c.numel(), est._factor(int((b.owner == 0).sum()), g.shape[1], 60), None)
+            m[c[:, None], c[None, :]] = torch.linalg.inv(gk.T @ gk / 60 + lam * torch.eye(c.numel(), dtype=torch.float64)) / K
+        want -= q @ m @ g.T
+    got = Scorer(pre, tr, progress=False, options=__import__("dropinf").ScoreOptions(dtype="float64")).dense(qu)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6 * float(want.abs().max()))   # M kept in float32
+    with pytest.raises(ConfigError, match="different numbers of members"):
+        pre.member(0)
+    with pytest.raises(ConfigError, match="not both"):
+        GaussNewton(members=2, member_size=4).fit(tr)

@@ -16,6 +16,7 @@ Native layouts (row-major): Linear W (d_out, d_in); HF Conv1D W (d_in, d_out); C
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -48,11 +49,10 @@ def _scratch(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
 
 
 def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except Exception:  # transformers not installed
-        return None
+    """HF's Conv1D class if transformers has loaded it (a model holding one has; importing
+    transformers only to learn that a model has none would cost ~30 MB and seconds)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
 
 
 def fused_kind(module: nn.Module) -> str | None:

@@ -39,6 +39,9 @@ class GaussNewton:
     members: K > 1 splits every layer's kept coordinates into K disjoint random groups, each with its
              own H̃ and λ (a mask ensemble in one fit: M block-diagonal within the layer, scaled
              1/K; estimators.members); each member's scores stay available (Attributor.ensemble).
+    member_size: m > 0 splits every layer instead into groups of about m coordinates (K_l =
+             ⌈r_l / m⌉ members, so layers of different widths get the same group size); m = 8 is
+             dropinf.mislabel_setting()'s nearly diagonal preconditioner. Excludes members.
     member_seed: seeds that split.
     damping_rn: c > 0 multiplies the rule's λ_l by max(1, c · r_l / n) (r_l: the layer's, or a
              member's, kept coordinates; a projection with r_l > d_l counts d_l): the damping grows
@@ -51,6 +54,8 @@ class GaussNewton:
     members: int = option(1, "K > 1: a mask ensemble in one fit: each layer's r kept coordinates split into K disjoint "
                              "random groups, each its own H and lambda; scores are the members' mean")
     member_seed: int = option(0, "seeds the split of each layer's coordinates into members")
+    member_size: int = option(0, "m > 0: split each layer into groups of about m coordinates instead (ceil(r_l/m) "
+                                 "members; 8 = the mislabel setting); excludes members")
     damping_rn: float = option(40.0, "scale the rule's lambda_l by max(1, damping_rn x r_l / n): more damping as r_l "
                                      "nears n (0 = the paper's rule; the default 40 was measured best; README)")
     name: str = "gauss-newton"
@@ -58,13 +63,16 @@ class GaussNewton:
     def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
         ctx = ctx_or_default(ctx)
         n = train.n
-        if self.members < 1:
-            raise ConfigError(f"members must be ≥ 1, got {self.members}")
-        kern = kernel_layers(train, enabled=self.members == 1)   # members: each its own dense block
+        if self.members < 1 or self.member_size < 0:
+            raise ConfigError(f"members must be ≥ 1 and member_size ≥ 0, got {self.members} and {self.member_size}")
+        if self.members > 1 and self.member_size:
+            raise ConfigError("give members (K groups per layer) or member_size (groups of m coordinates), not both")
+        split = self.members > 1 or self.member_size > 0
+        kern = kernel_layers(train, enabled=not split)   # members: each its own dense block
         # members: each layer's column groups (a layer narrower than K stays one block)
-        owners = {name: member_owner(train.layer_r(name), self.members,
+        owners = {name: member_owner(train.layer_r(name), self._members_of(train.layer_r(name)),
                                      layer_member_seed(self.member_seed, train.layer_names(), name))
-                  for name in train.layer_names() if 1 < self.members <= train.layer_r(name)}
+                  for name in train.layer_names() if self._members_of(train.layer_r(name)) > 1}
         grouped = {name: member_index(o)[0] for name, o in owners.items()}
         blocks, dropped, mean_eig = [], [], {}
         groups = gram_groups(train, kern, ctx.fit_memory_mb, grouped)
@@ -117,6 +125,12 @@ class GaussNewton:
                                    f"layer {name!r}")
         return Block((name,), damping={name: sum(lams.values()) / len(lams)}, owner=owner,
                      member_damping={name: lams}, parts=parts.to(torch.float32).cpu())
+
+    def _members_of(self, r: int) -> int:
+        """K_l for a layer of r kept coordinates (1: one block)."""
+        if self.member_size:
+            return -(-r // self.member_size)
+        return self.members if self.members <= r else 1
 
     def _factor(self, r: int, d: int, n: int) -> float:
         """The damping factor for a block of r kept coordinates of a layer spanning d dims (a

@@ -89,6 +89,10 @@ class Preconditioner:
         """Member k of an ensemble on its own: its block of every layer's M (times K), zero elsewhere."""
         if not 0 <= k < self.members:
             raise ValueError(f"member {k} of a preconditioner with {self.members} members")
+        if len({int(b.owner.max()) for b in self.blocks if b.owner is not None}) > 1:
+            from ..errors import ConfigError
+            raise ConfigError("this fit splits its layers into different numbers of members (member_size), so "
+                              "it has no member k common to every layer; per-member scores need members=K")
         blocks = [_member_block(b, k) if b.owner is not None else b for b in self.blocks]
         return Preconditioner(self.estimator, self.n, blocks, self.dropped, dict(self.info, member=k))
 

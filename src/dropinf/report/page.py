@@ -115,13 +115,15 @@ def attribution_report(attr, query: Iterable, out: str | Path = "report.html",
             src = qf if (isinstance(suspicious, str) and suspicious == "queries") else suspicious
             if isinstance(src, str):
                 raise ConfigError(f"suspicious must be 'self', 'queries', None or a validation DataLoader; got {src!r}")
-            v = attr.score(src, reduce="mean")[0]
+            v = attr.mislabeled(src)                         # the mislabel estimator, same train rows
             order = np.argsort(-v)[:n_suspicious]           # most harmful to the mean query loss first
             sus_vals = v
             sus_title = "Most suspicious training examples: most harmful to the " + (
                 "queries' mean loss" if src is qf else "validation set's mean loss")
             explain = ("I(mean query, i) > 0: up-weighting i raises the mean loss of the clean queries — the "
-                       "signature of a mislabeled or harmful example (paper eq. 1). Sorted from most harmful.")
+                       "signature of a mislabeled or harmful example (paper eq. 1), scored as Attributor.mislabeled "
+                       "scores it (the preconditioner measured best for finding flipped labels, fitted on the same "
+                       "training rows). Sorted from most harmful.")
         rows = [[int(train_ids[j]), float(sus_vals[j])] for j in order]
         marked = [r for r in rows if mark(r[0])]
         if marks is not None:
