@@ -86,17 +86,20 @@ def dropinf(r: int | None, rotate: bool = False, estimator: str = "gn"):
     return run
 
 
-def dropinf_setting(name: str):
-    """One of dropinf's named settings, its mask seeded by the round: "default_setting" — what
-    ``Attributor(model, loss_fn)`` uses with no compressor or estimator — or "mislabel_setting"
-    (Dropout(r=1024) in 128 members of 8, measured best for mislabel detection; README)."""
+def dropinf_default(job: str = "auto"):
+    """What ``Attributor(model, loss_fn)`` gives with no compressor or estimator (dropinf.default_setting,
+    its mask seeded by the round). job "auto": the call a user makes for the task — ``score`` for
+    attribution (MLP LDS), ``mislabeled(val)`` for finding flipped labels (tweets: the mislabel
+    estimator fitted on the same rows; a (1, n_train) row, the influence on the mean validation
+    loss); "score": ``score`` on every task."""
     def run(ctx: Ctx):
-        import dropinf
         from dropinf import Attributor
-        comp, est = getattr(dropinf, name)(ctx.seed)
         with ctx.timer:
-            attr = Attributor(ctx.model, ctx.loss, compressor=comp, estimator=est, track=ctx.names, progress=True)
+            attr = Attributor(ctx.model, ctx.loss, track=ctx.names, progress=True,
+                              compressor=__import__("dropinf").default_setting(ctx.seed)[0])
             attr.featurize(ctx.loader(ctx.train))
+            if ctx.task == "tweets" and job == "auto":
+                return {"scores": attr.mislabeled(ctx.loader(ctx.query))[None], "sign": 1}
             scores = attr.score(ctx.loader(ctx.query))
         return {"scores": scores, "sign": 1}
     return run
@@ -365,7 +368,7 @@ def captum_tracin(ctx: Ctx):
 # ------------------------------------------------------------------ the registry
 
 _MLP = {
-    "dropinf default": dropinf_setting("default_setting"),
+    "dropinf default": dropinf_default(),
     "dropinf Dropout r=1024": dropinf(1024),
     "dropinf Dropout+rot r=1024": dropinf(1024, rotate=True),
     "dropinf Dropout+rot r=4096": dropinf(4096, rotate=True),
@@ -382,11 +385,11 @@ _MLP = {
     "captum TracInCP": captum_tracin,
 }
 _TWEETS = {
-    "dropinf default": dropinf_setting("default_setting"),
+    "dropinf default": dropinf_default(),
+    "dropinf default, score()": dropinf_default("score"),
     "dropinf Dropout r=16": dropinf(16),
     "plain forward+backward": plain_pass,
     "dropinf Dropout r=512 x32 ens.": dropinf_ensemble(512, 32, rotate=False),
-    "dropinf mislabel setting": dropinf_setting("mislabel_setting"),
     "kronfluence KFAC": kronfluence("kfac"),
     "kronfluence EK-FAC": kronfluence("ekfac"),
     "LogIX (LoRA grads, KFAC)": logix(0),

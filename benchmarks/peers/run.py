@@ -78,7 +78,7 @@ def child(task: str, method: str, preset: str, out: Path, seed: int, threads: in
     row = {"attr_s": timer.seconds, "peak_rss_mb": rss_mb(), "rss_over_model_mb": rss_mb() - base}
     if "scores" in res:
         sc = np.asarray(res["scores"], dtype=np.float64) * res["sign"]
-        if sc.shape != (len(query), len(train)):
+        if sc.shape not in ((len(query), len(train)), (1, len(train))):   # (1, n): on the mean query loss
             raise SystemExit(f"{method}: scores of shape {sc.shape}, expected ({len(query)}, {len(train)})")
         if not np.isfinite(sc).all():
             raise SystemExit(f"{method}: {int((~np.isfinite(sc)).sum())} non-finite scores")
@@ -149,6 +149,8 @@ def quality(task, rows, args):
         r["quality"] = fn(sc, s, prep)
         base = ref.get(r["seed"])
         if base is not None:
+            if base.shape != sc.shape:      # one of them scores the mean query: compare on the mean
+                sc, base = sc.mean(0, keepdims=True), base.mean(0, keepdims=True)
             a, b = sc - sc.mean(1, keepdims=True), base - base.mean(1, keepdims=True)
             r["corr_with_dropinf"] = float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-30))
 
