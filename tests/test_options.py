@@ -76,6 +76,9 @@ def test_cli_builds_the_same_objects_as_before():
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
         GaussNewton(damping=0.3, members=4)
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == GaussNewton()
+    # --member-size replaces the default's members (the mislabel estimator), unless --members is given too
+    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--member-size", "8"])) == \
+        GaussNewton(member_size=8)
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "gauss-newton", "--damping", "0.3"])) == \
         GaussNewton(damping=0.3)
     assert _compressor(parse(["featurize", "m:f", "--store", "s", "--size", "32", "--rotate"])) == \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -21,6 +22,8 @@ def _estimator(a):
     from .options import build
     if a.estimator is None:              # the measured default; flags given still apply to it
         base = default_estimator(None)
+        if getattr(a, "member_size", None) and getattr(a, "members", None) is None:
+            base = dataclasses.replace(base, members=1)     # --member-size replaces the default's members
         return build(type(base), a, base=base)
     return build(ESTIMATORS[a.estimator], a)
 
