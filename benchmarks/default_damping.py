@@ -1,0 +1,47 @@
+"""The default estimator at more damping on the LDS tasks (issue 24): does any damping serve both
+attribution and mislabel detection? (benchmarks/member_size.py measures the mislabel side.)
+
+One capture of the default's Dropout(r=2048) per LDS task (`dropinf reproduce lds` fast setting;
+its cached ground truth in reports/lds/ground-truth is reused, run that first), mask seed 0, then
+GaussNewton(members=K) at damping_factor F (the default: K=4, F=0.1): LDS per (K, F).
+
+Run: python benchmarks/default_damping.py [--tasks mlp,cnn,lm] [--lds-out reports/lds]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+FACTORS = (0.1, 0.2, 0.5, 1.0, 10.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="mlp,cnn,lm")
+    p.add_argument("--lds-out", default="reports/lds", help="the folder `dropinf reproduce lds` wrote")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    from dropinf import Dropout, GaussNewton
+    from dropinf.eval.lds import lds
+    from dropinf_experiments import lds_tasks as T
+    from dropinf_experiments.lds import PRESETS, _features, _loaders, _score, ground_truth
+    s = PRESETS["fast"]
+    print("| task | members | " + " | ".join(f"factor {f:g}" for f in FACTORS) + " |")
+    print("|---" * (len(FACTORS) + 2) + "|")
+    for task in a.tasks.split(","):
+        size = s.sizes[task]
+        gt = ground_truth(task, s, a.lds_out, False)
+        torch.manual_seed(0)
+        model = T.train(task, size, None, 0)
+        train_dl, query_dl = _loaders(task, size)
+        _, tr, qu, _ = _features(model, task, Dropout(r=2048, seed=0), train_dl, query_dl)
+        for k in (4, 8):
+            vals = [float(lds(_score(GaussNewton(members=k, damping_factor=f), tr, qu)[0], gt).mean) for f in FACTORS]
+            print(f"| {task} | {k} | " + " | ".join(f"{v:.3f}" for v in vals) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
