@@ -49,3 +49,16 @@ def print_table(rows: list[dict], ref: str, labels: dict[str, str]) -> None:
         mr = f"{r['extra_rss_mb'] / max(base['extra_rss_mb'], 1):.1f}x" if base else "-"
         print(f"| {name} | {r['seconds']:.2f} | {r['featurize_s']:.2f} | {r['peak_rss_mb']:.0f} | "
               f"{r['extra_rss_mb']:.0f} | {tr} | {mr} |")
+
+
+def lds_task(task: str, lds_out: str = "reports/lds"):
+    """(size, ground truth, trained model, train loader, query loader) of one LDS harness task at the
+    fast setting, its cached ground truth read from ``lds_out`` (`dropinf reproduce lds` wrote it)."""
+    import torch
+    from dropinf_experiments.lds import PRESETS, T, _loaders, ground_truth
+    s = PRESETS["fast"]
+    size = s.sizes[task]
+    gt = ground_truth(task, s, lds_out, False)
+    torch.manual_seed(0)
+    model = T.train(task, size, None, 0)
+    return (size, gt, model, *_loaders(task, size))

@@ -8,9 +8,13 @@ Run: python benchmarks/damping_rn.py [--tasks mlp,cnn,lm] [--cs 0,10,40,100]
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -24,15 +28,12 @@ def main() -> None:
     from dropinf import Dropout
     from dropinf.estimators import GaussNewton
     from dropinf.eval.lds import lds
-    from dropinf_experiments.lds import PRESETS, T, _features, _loaders, _score, ground_truth
+    from dropinf_experiments.lds import PRESETS, _features, _score
+    from _common import lds_task
 
     s, cs = PRESETS["fast"], [float(c) for c in a.cs.split(",")]
     for task in a.tasks.split(","):
-        size = s.sizes[task]
-        gt = ground_truth(task, s, a.out, False)
-        torch.manual_seed(0)
-        model = T.train(task, size, None, 0)
-        train_dl, query_dl = _loaders(task, size)
+        size, gt, model, train_dl, query_dl = lds_task(task, a.out)
         for r in s.budgets[task]:
             for rot in (False, True):
                 res = {c: [] for c in cs}

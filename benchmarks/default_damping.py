@@ -11,8 +11,12 @@ Run: python benchmarks/default_damping.py [--tasks mlp,cnn,lm] [--lds-out report
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FACTORS = (0.1, 0.2, 0.5, 1.0, 10.0)
 
@@ -26,17 +30,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from dropinf import Dropout, GaussNewton
     from dropinf.eval.lds import lds
-    from dropinf_experiments import lds_tasks as T
-    from dropinf_experiments.lds import PRESETS, _features, _loaders, _score, ground_truth
-    s = PRESETS["fast"]
+    from dropinf_experiments.lds import _features, _score
+    from _common import lds_task
     print("| task | members | " + " | ".join(f"factor {f:g}" for f in FACTORS) + " |")
     print("|---" * (len(FACTORS) + 2) + "|")
     for task in a.tasks.split(","):
-        size = s.sizes[task]
-        gt = ground_truth(task, s, a.lds_out, False)
-        torch.manual_seed(0)
-        model = T.train(task, size, None, 0)
-        train_dl, query_dl = _loaders(task, size)
+        size, gt, model, train_dl, query_dl = lds_task(task, a.lds_out)
         _, tr, qu, _ = _features(model, task, Dropout(r=2048, seed=0), train_dl, query_dl)
         for k in (4, 8):
             vals = [float(lds(_score(GaussNewton(members=k, damping_factor=f), tr, qu)[0], gt).mean) for f in FACTORS]
