@@ -91,7 +91,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference):
     store = tmp_path / "store"
     torchrun(*featurize_args(store))
     assert files(store) == files(reference)
-    # no --estimator: the default (a two-member ensemble); then plain GaussNewton, DataInf, three members
+    # no --estimator: the default (a four-member ensemble); then plain GaussNewton, DataInf, three members
     for est, extra in (("default", []), ("gauss-newton", []), ("datainf", []), ("gauss-newton", ["--members", "3"])):
         tag = est + "".join(extra)
         one, two = tmp_path / f"one-{tag}.npy", tmp_path / f"two-{tag}.npy"

@@ -1,0 +1,63 @@
+"""dropinf's default against single masks, Gaussian and LoGra at the default's bytes (issue 24): the
+LDS harness's three tasks (`dropinf reproduce lds` fast setting, its cached ground truth reused),
+every variant keeping the default's r=2048 per layer (capped at each layer's size, so the bytes per
+example are equal), scored with GaussNewton at the best damping of the harness's grid (an oracle
+on the ground truth, the most favourable case for the others) — the default at its own damping.
+
+  default        Attributor(model, loss_fn): Dropout(r=2048) in four members (dropinf.default_setting)
+  Dropout        one mask of r=2048;  Dropout+rot  the same after the randomized Hadamard rotation
+  Gaussian       Gaussian(r=r_l), generator="hash" (normals made per block on the device; same law)
+  LoGra a x b    LoGra with a·b = 2048 per layer
+
+Mean ± std over mask seeds 0 and 1. Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+R = 2048
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="mlp,cnn,lm")
+    p.add_argument("--lds-out", default="reports/lds", help="the folder `dropinf reproduce lds` wrote")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    from dropinf import Dropout, Gaussian, LoGra, default_setting
+    from dropinf.eval.lds import lds
+    from dropinf_experiments.lds import _features, _gn_variants, _logra, _score
+    from _common import lds_task
+    print("| task | variant | bytes / example | LDS (best λ of the grid; the default at its own) |\n|---|---|---|---|")
+    for task in a.tasks.split(","):
+        _, gt, model, train_dl, query_dl = lds_task(task, a.lds_out)
+        res: dict[str, list] = {}
+        nbytes = {}
+        for seed in (0, 1):
+            comp, est = default_setting(seed)
+            _, tr, qu, _ = _features(model, task, comp, train_dl, query_dl)
+            per_layer = {n: tr.layer_r(n) for n in tr.layer_names()}
+            res.setdefault("default", []).append(float(lds(_score(est, tr, qu)[0], gt).mean))
+            nbytes["default"] = 4 * sum(per_layer.values())
+            ra, rb = _logra(R)
+            for name, c in (("Dropout", Dropout(r=R, seed=seed)), ("Dropout+rot", Dropout(r=R, seed=seed, rotate=True)),
+                            ("Gaussian", Gaussian(r=per_layer, seed=seed, generator="hash")),
+                            (f"LoGra {ra}x{rb}", LoGra(ra, rb, seed=seed))):
+                _, tr, qu, _ = _features(model, task, c, train_dl, query_dl)
+                res.setdefault(name, []).append(_gn_variants(tr, qu, gt, seed)[0]["oracle"])
+                nbytes[name] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
+        for name, v in res.items():
+            print(f"| {task} | {name} | {nbytes[name]:,} | {np.mean(v):.3f} ± {np.std(v):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
