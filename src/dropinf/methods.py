@@ -40,7 +40,7 @@ def default_estimator(compressor):
 MISLABEL_MEMBER_SIZE = 8
 
 
-def mislabel_estimator(compressor):
+def mislabel_estimator(compressor=None):
     """The estimator ``Attributor.mislabeled`` fits on the train rows when none is given: for Dropout
     rows (or none given), ``GaussNewton(member_size=8)`` — every layer's kept coordinates split into
     groups of 8, each its own H̃ and λ: a nearly diagonal preconditioner, measured best for finding
