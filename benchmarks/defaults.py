@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def candidates():
@@ -66,14 +69,9 @@ def reseed(comp, seed):
 # ---------------------------------------------------------------- LDS tasks
 def lds_task(task: str, seeds: list[int], out_lds: str) -> dict:
     from dropinf.eval.lds import lds
-    from dropinf_experiments import lds_tasks as T
-    from dropinf_experiments.lds import DAMPING_GRID, PRESETS, _features, _loaders, _score, ground_truth
-    s = PRESETS["fast"]
-    size = s.sizes[task]
-    gt = ground_truth(task, s, out_lds, False)
-    torch.manual_seed(0)
-    model = T.train(task, size, None, 0)
-    train_dl, query_dl = _loaders(task, size)
+    from dropinf_experiments.lds import DAMPING_GRID, _features, _score
+    from _common import lds_task as load_lds_task
+    _, gt, model, train_dl, query_dl = load_lds_task(task, out_lds)
     res = {}
     for name, (comp, est) in candidates().items():
         vals, tuned, secs = [], [], []

@@ -2,8 +2,9 @@
 LDS harness's three tasks (`dropinf reproduce lds` fast setting, its cached ground truth reused),
 every variant keeping the default's r=2048 per layer (capped at each layer's size, so the bytes per
 example are equal), scored with GaussNewton at the default's damping rule (GaussNewton(), what a
-user gets without choosing) and at the best damping of the harness's grid (an oracle on the ground
-truth, the most favourable case; for the default, the best grid factor times its own damping).
+user gets without choosing) and at the best damping the harness tries (its grid's factors and
+choose_damping's λ: an oracle on the ground truth, the most favourable case; for the default, the
+best grid factor times its own damping).
 
   default        Attributor(model, loss_fn): Dropout(r=2048) in four members (dropinf.default_setting)
   Dropout        one mask of r=2048;  Dropout+rot  the same after the randomized Hadamard rotation

@@ -93,14 +93,15 @@ def dropinf_default(job: str = "auto"):
     estimator fitted on the same rows; a (1, n_train) row, the influence on the mean validation
     loss); "score": ``score`` on every task."""
     def run(ctx: Ctx):
-        from dropinf import Attributor
+        from dropinf import Attributor, default_setting
         with ctx.timer:
-            attr = Attributor(ctx.model, ctx.loss, track=ctx.names, progress=True,
-                              compressor=__import__("dropinf").default_setting(ctx.seed)[0])
+            attr = Attributor(ctx.model, ctx.loss, compressor=default_setting(ctx.seed)[0], track=ctx.names,
+                              progress=True)
             attr.featurize(ctx.loader(ctx.train))
             if ctx.task == "tweets" and job == "auto":
-                return {"scores": attr.mislabeled(ctx.loader(ctx.query))[None], "sign": 1}
-            scores = attr.score(ctx.loader(ctx.query))
+                scores = attr.mislabeled(ctx.loader(ctx.query))[None]
+            else:
+                scores = attr.score(ctx.loader(ctx.query))
         return {"scores": scores, "sign": 1}
     return run
 

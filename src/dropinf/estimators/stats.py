@@ -72,8 +72,8 @@ def gram_pass(source, *, device, shard: tuple[int, int] = (0, 1), gram: bool = T
     only these (a run of gram_groups); default every layer. ``grouped``: {layer: idx}, idx (K, m)
     the columns of each of K groups padded with r (estimators.preconditioner.member_index): that
     layer's Gram is the (K, m, m) stack of its groups' blocks."""
-    grouped = {l: i.to(device) for l, i in (grouped or {}).items()}
     device = torch.device(device)
+    grouped = {l: i.to(device) for l, i in (grouped or {}).items()}
     rank, world = shard
     names = list(layers) if layers is not None else source.layer_names()
     kernel_layers = set(kernel_layers) & set(names)
