@@ -8,10 +8,12 @@ best grid factor times its own damping).
 
   default        Attributor(model, loss_fn): Dropout(r=2048) in four members (dropinf.default_setting)
   Dropout        one mask of r=2048;  Dropout+rot  the same after the randomized Hadamard rotation
-  Gaussian       Gaussian(r=r_l), generator="hash" (normals made per block on the device; same law)
+  Gaussian       Gaussian(r=r_l), generator="hash" (normals made per block on the device; same law),
+                 each layer's P cached (cache_mb=4096: the MLP's first P is 2048 × 401,920, 3.3 GB)
   LoGra a x b    LoGra with a·b = 2048 per layer
 
-Mean ± std over mask seeds 0 and 1. Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm]
+Mean ± std over mask seeds 0 and 1.
+Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm] [--only Gaussian,LoGra] [--skip mlp:Gaussian]
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", default="", help="comma-separated task:variant pairs not to run (e.g. mlp:Gaussian: "
                                               "the MLP's 400k-wide layer makes it an 8-TFLOP projection per seed)")
+    p.add_argument("--only", default="", help="comma-separated variants to run (default, Dropout, Dropout+rot, "
+                                              "Gaussian, LoGra); all when empty")
     a = p.parse_args()
+    only = set(filter(None, a.only.split(",")))
+    run = lambda task, name: (not only or name in only) and (task, name) not in skip
     skip = {tuple(x.split(":", 1)) for x in a.skip.split(",") if x}
     torch.set_num_threads(a.threads)
     import dataclasses
@@ -53,16 +59,17 @@ def main() -> None:
             comp, est = default_setting(seed)
             _, tr, qu, _ = _features(model, task, comp, train_dl, query_dl)
             per_layer = {n: tr.layer_r(n) for n in tr.layer_names()}
-            res.setdefault("default", []).append(float(lds(_score(est, tr, qu)[0], gt).mean))
-            best.setdefault("default", []).append(max(
-                float(lds(_score(dataclasses.replace(est, damping_factor=0.1 * f), tr, qu)[0], gt).mean)
-                for f in DAMPING_GRID))
-            nbytes["default"] = 4 * sum(per_layer.values())
+            if run(task, "default"):
+                res.setdefault("default", []).append(float(lds(_score(est, tr, qu)[0], gt).mean))
+                best.setdefault("default", []).append(max(
+                    float(lds(_score(dataclasses.replace(est, damping_factor=0.1 * f), tr, qu)[0], gt).mean)
+                    for f in DAMPING_GRID))
+                nbytes["default"] = 4 * sum(per_layer.values())
             ra, rb = _logra(R)
             for name, c in (("Dropout", Dropout(r=R, seed=seed)), ("Dropout+rot", Dropout(r=R, seed=seed, rotate=True)),
-                            ("Gaussian", Gaussian(r=per_layer, seed=seed, generator="hash")),
+                            ("Gaussian", Gaussian(r=per_layer, seed=seed, generator="hash", cache_mb=4096)),
                             (f"LoGra {ra}x{rb}", LoGra(ra, rb, seed=seed))):
-                if (task, name.split()[0]) in skip:
+                if not run(task, name.split()[0]):
                     continue
                 _, tr, qu, _ = _features(model, task, c, train_dl, query_dl)
                 res.setdefault(name, []).append(float(lds(_score(GaussNewton(), tr, qu)[0], gt).mean))

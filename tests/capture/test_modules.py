@@ -119,13 +119,16 @@ def test_track_combines_a_type_with_a_name_pattern_and_keeps_model_order():
 
 @pytest.mark.parametrize("groups,stride,pad,dil,flat", [(1, 1, 1, 1, False), (2, 2, 0, 1, False), (1, 1, 2, 2, False),
                                                         (1, 2, 1, 1, True)])
-@pytest.mark.parametrize("path", ["columns", "grouped-backward"])
+@pytest.mark.parametrize("path", ["columns", "entries", "grouped-backward", "each-backward", "timed-backward"])
 def test_conv_never_unfolds_every_patch_for_a_few_entries(groups, stride, pad, dil, flat, path, monkeypatch):
-    """Dropout on a conv never unfolds every patch for a few kept entries: either it gathers the
-    patch columns they touch from the padded input, or (cheaper when T is large and the weight
-    small) takes every example's weight gradient from one grouped convolution backward. Both
-    equal the full unfold's entries and the true per-example gradient, groups, strides,
-    dilation and flattened (several images per example) calls included."""
+    """Dropout on a conv never unfolds every patch for a few kept entries: it gathers the patch
+    columns they touch (or, entry by entry, each kept entry's column) from the padded input, or
+    (cheaper when T is large and the weight small) takes every example's weight gradient from the
+    convolution library — one grouped backward, one backward per example, or whichever of the two
+    the first call timed faster. Every path equals the full unfold's entries and the true
+    per-example gradient, groups, strides, dilation and flattened (several images per example)
+    calls included."""
+    from dropinf.capture import modules
     from dropinf.capture.conv import Patches
     from dropinf.capture.modules import Use, prepare_delta, use_spec
     torch.manual_seed(0)
@@ -138,12 +141,20 @@ def test_conv_never_unfolds_every_patch_for_a_few_entries(groups, stride, pad, d
     idx = torch.randperm(dim)[:8].sort().values
     d3 = prepare_delta(spec, d, B)
     full = Use(spec, Patches(spec, x, B).full(), d3).gather(idx, {})
-    monkeypatch.setattr(Patches, "grads_cheaper", lambda self, kept: path == "grouped-backward")
-    if path == "columns":
+    monkeypatch.setattr(Patches, "grads_cheaper", lambda self, kept: path.endswith("backward"))
+    if not path.endswith("backward"):
         monkeypatch.setattr(Patches, "entries", lambda *a: (_ for _ in ()).throw(AssertionError("grouped")))
+    if path == "entries":                      # never the batched matmul over distinct rows × columns
+        monkeypatch.setattr(modules, "_BMM_RATIO", 0)
+        if not flat:                           # one image per example: no patch column gathered twice
+            monkeypatch.setattr(Patches, "columns", lambda *a: (_ for _ in ()).throw(AssertionError("columns")))
     monkeypatch.setattr(Patches, "full", lambda self: (_ for _ in ()).throw(AssertionError("unfolded everything")))
-    partial = Use(spec, Patches(spec, x, B), d3).gather(idx, {})
+    maps = {} if path != "each-backward" else {("c", "grads-way", tuple(x.shape)): "each"}
+    partial = Use(spec, Patches(spec, x, B), d3).gather(idx, maps)
     torch.testing.assert_close(partial, full, rtol=1e-12, atol=1e-12)
+    if path == "timed-backward":            # the first call chose a way, and the next call takes it
+        assert maps[("c", "grads-way", tuple(x.shape))] in ("grouped", "each")
+        torch.testing.assert_close(Use(spec, Patches(spec, x, B), d3).gather(idx, maps), full, rtol=1e-12, atol=1e-12)
     want = []                    # per example: the gradient of Σ_images <δ, conv(x)> w.r.t. the weights
     for b in range(B):
         conv.zero_grad()

@@ -1,8 +1,12 @@
 """A Conv2d call's input for the fused hooks (capture.modules): its patches unfolded only as far
-as they are read, and — when that is cheaper — every example's weight gradient from one grouped
-convolution backward."""
+as they are read — each kept entry's patch column gathered straight from the padded input — and,
+when that is cheaper, every example's weight gradient from the convolution library (one grouped
+convolution backward, or one batch-of-one backward per example, whichever this layer measured
+faster on its first call)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +30,7 @@ class Patches:
         self.spec, self.x, self.B, self.n = spec, x, B, n
         self.shape = (B, (n // B) * self.ho * self.wo, C * kh * kw)
         self.dtype, self.device = x.dtype, x.device
-        self._full = None
+        self._full = self._xp = None
 
     def full(self) -> torch.Tensor:
         if self._full is None:
@@ -36,19 +40,40 @@ class Patches:
         return self._full
 
     def columns(self, cols: torch.Tensor, maps: dict) -> torch.Tensor:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.spec.conv
-        n, C, H, W = self.x.shape
-        Hp, Wp = H + 2 * ph, W + 2 * pw
         key = (self.spec.module, "patch-index", tuple(self.x.shape))
-        if key not in maps:           # flat positions in the padded image of every (column, output position)
-            c, rest = cols // (kh * kw), cols % (kh * kw)
-            base = c * (Hp * Wp) + (rest // kw) * dh * Wp + (rest % kw) * dw
-            ys = torch.arange(self.ho, device=cols.device) * sh * Wp
-            xs = torch.arange(self.wo, device=cols.device) * sw
-            maps[key] = (base[:, None] + (ys[:, None] + xs[None, :]).reshape(1, -1)).reshape(-1)
-        xp = F.pad(self.x, (pw, pw, ph, ph)) if (ph or pw) else self.x
-        got = xp.reshape(n, -1).index_select(1, maps[key]).reshape(n, cols.numel(), -1)   # (n, |cols|, L)
+        if key not in maps:
+            maps[key] = self._flat_index(cols)
+        got = self._padded().index_select(1, maps[key]).reshape(self.n, cols.numel(), -1)   # (n, |cols|, L)
         return self._batch_major(got)
+
+    def entry_columns(self, k: torch.Tensor, s0: int, s1: int, maps: dict, out: torch.Tensor) -> torch.Tensor:
+        """(B, s1 - s0, L) channel-first into ``out``: the patch column k[s] of kept entries s0..s1-1,
+        gathered straight from the padded input (one image per example) — B·(s1-s0)·L numbers
+        read, none unfolded beside them."""
+        key = (self.spec.module, "entry-index", tuple(self.x.shape))
+        if key not in maps:
+            maps[key] = self._flat_index(k)
+        L = self.ho * self.wo
+        torch.index_select(self._padded(), 1, maps[key][s0 * L:s1 * L], out=out.view(self.n, -1))
+        return out
+
+    def _padded(self) -> torch.Tensor:
+        """The zero-padded input, (n, C·Hp·Wp), made once per call."""
+        if self._xp is None:
+            (ph, pw) = self.spec.conv[2]
+            xp = F.pad(self.x, (pw, pw, ph, ph)) if (ph or pw) else self.x
+            self._xp = xp.reshape(self.n, -1)
+        return self._xp
+
+    def _flat_index(self, cols: torch.Tensor) -> torch.Tensor:
+        """Flat positions in the padded image of every (column, output position), column-major."""
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.spec.conv
+        Hp, Wp = self.x.shape[2] + 2 * ph, self.x.shape[3] + 2 * pw
+        c, rest = cols // (kh * kw), cols % (kh * kw)
+        base = c * (Hp * Wp) + (rest // kw) * dh * Wp + (rest % kw) * dw
+        ys = torch.arange(self.ho, device=cols.device) * sh * Wp
+        xs = torch.arange(self.wo, device=cols.device) * sw
+        return (base[:, None] + (ys[:, None] + xs[None, :]).reshape(1, -1)).reshape(-1)
 
     def grads_cheaper(self, kept: int) -> bool:
         """Whole per-example weight gradients (one grouped convolution backward: B·|W| numbers,
@@ -56,16 +81,35 @@ class Patches:
         entries column by column (2·B·T·kept numbers gathered) when |W| ≤ T·kept / 2."""
         return 2 * self.spec.rows * self.spec.cols <= self.shape[1] * kept
 
-    def entries(self, d: torch.Tensor, native: torch.Tensor) -> torch.Tensor:
+    def entries(self, d: torch.Tensor, native: torch.Tensor, maps: dict) -> torch.Tensor:
         """(B, |native|): the per-example weight gradient at flat native indices ``native``, from
-        δ (B, T, C_out) — the batch folded into the channels, groups × B, so that the convolution
-        library's weight gradient is every example's at once; in chunks of examples that bound
-        the B·|W| numbers held."""
+        δ (B, T, C_out), by the convolution library: either the batch folded into the channels
+        (groups × B, every example's weight gradient from one grouped backward, in chunks of
+        examples that bound the B·|W| numbers held) or one batch-of-one backward per example.
+        Which is faster depends on the library's kernels (a grouped backward with a few input
+        channels per group — an RGB stem — runs at half the speed of B ordinary ones; with many it
+        is 3× faster), so on the CPU the first call of each layer times both and keeps the faster
+        (the two agree to rounding); elsewhere the grouped one."""
+        key = (self.spec.module, "grads-way", tuple(self.x.shape))
+        if key not in maps:
+            if self.x.device.type != "cpu" or self.B == 1:
+                maps[key] = "grouped"
+            else:
+                secs = {}
+                for way in ("grouped", "each", "grouped", "each"):     # the second call of each counts
+                    t0 = time.perf_counter()
+                    got = self._grads(d, native, way)
+                    secs[way] = time.perf_counter() - t0
+                maps[key] = min(secs, key=secs.get)
+                return got
+        return self._grads(d, native, maps[key])
+
+    def _grads(self, d: torch.Tensor, native: torch.Tensor, way: str) -> torch.Tensor:
         (kh, kw), stride, padding, dilation = self.spec.conv
         n, C, H, W = self.x.shape
         m, O = n // self.B, d.shape[-1]
-        step = max(1, _GRADS_ELEMS // (self.spec.rows * self.spec.cols))
-        out = []
+        step = 1 if way == "each" else max(1, _GRADS_ELEMS // (self.spec.rows * self.spec.cols))
+        out = torch.empty(self.B, native.numel(), dtype=d.dtype, device=d.device)
         for b0 in range(0, self.B, step):
             b = min(step, self.B - b0)
             x = self.x[b0 * m:(b0 + b) * m].reshape(b, m, C, H, W).transpose(0, 1).reshape(m, b * C, H, W)
@@ -74,8 +118,8 @@ class Patches:
             w = x.new_empty(()).expand(shape) if x.device.type == "cpu" else x.new_empty(shape)
             gw = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
                                                      b * self.spec.groups, [False, True, False])[1]
-            out.append(gw.reshape(b, -1).index_select(1, native))
-        return out[0] if len(out) == 1 else torch.cat(out)
+            torch.index_select(gw.reshape(b, -1), 1, native, out=out[b0:b0 + b])
+        return out
 
     def _batch_major(self, cols: torch.Tensor) -> torch.Tensor:
         """(n, C', L) → (B, T, C') channel-first: a transposed view when n == B; batch-major

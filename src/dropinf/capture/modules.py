@@ -28,6 +28,8 @@ from .conv import Patches
 _CHUNK_ELEMS = 1 << 18  # cap on B*T*r elements gathered at once: 1 MB fp32 temporaries stay in cache
 _POOL_ELEMS = 1 << 22   # scratch tensors reused up to this many elements per slot (16 MB fp32)
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
+_CONV_CHUNK = 1 << 20   # the same cap for a convolution's entry-by-entry gather (Use._conv_entries), whose
+                        # reads of the padded input are spread out: 4 MB chunks measured ~10 % faster
 
 
 _pool = threading.local()
@@ -156,8 +158,11 @@ class Use:
         convolution whose kept entries read at most half of its patch columns unfolds only those
         (Patches.columns); otherwise every patch once (F.unfold)."""
         d = self.d
-        if isinstance(self._a, Patches) and self._a.grads_cheaper(o.numel()):
-            return self._a.entries(d, plan["native"])
+        if isinstance(self._a, Patches):
+            if self._a.grads_cheaper(o.numel()):
+                return self._a.entries(d, plan["native"], maps)
+            if self._a.n == self._a.B and plan["uo"].numel() * plan["uk"].numel() > _BMM_RATIO * o.numel():
+                return self._conv_entries(o, k, maps, into)
         if isinstance(self._a, Patches) and plan["uk"].numel() * 2 <= self._a.shape[2]:
             a = self._a.columns(plan["uk"], maps)              # only the columns K, in uk's order
             k, plan = plan["k_pos"], {**plan, "uk": torch.arange(plan["uk"].numel(), device=d.device)}
@@ -197,6 +202,22 @@ class Use:
             else:                            # (B, T, step) each side, summed over T
                 dd = torch.index_select(d, 2, oo, out=_scratch(0, (B, T, oo.numel()), d))
                 out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=_scratch(1, dd.shape, a))).sum(1)
+        return out
+
+    def _conv_entries(self, o: torch.Tensor, k: torch.Tensor, maps: dict, into: torch.Tensor | None) -> torch.Tensor:
+        """Σ_t δ_t[o_s] · patch_t[k_s] of a convolution (one image per example), entry by entry in
+        cache-sized chunks: δ's channel o_s and the patch column k_s, gathered straight from the
+        padded input (Patches.entry_columns), multiplied and summed over positions — 2·B·T·r
+        numbers read, no patch unfolded (2-5× faster than unfolding every patch and gathering
+        from that, measured on ResNet-18's 3×3 layers)."""
+        d_cf, a = self.d.transpose(1, 2), self._a              # (B, C_out, T)
+        B, T = self.d.shape[0], self.d.shape[1]
+        step = max(1, _CONV_CHUNK // max(1, B * T))
+        out = into if into is not None else torch.empty(B, o.numel(), device=self.d.device, dtype=self.d.dtype)
+        for s0 in range(0, o.numel(), step):
+            s1 = min(o.numel(), s0 + step)
+            dd = torch.index_select(d_cf, 1, o[s0:s1], out=_scratch(0, (B, s1 - s0, T), self.d))
+            out[:, s0:s1] = dd.mul_(a.entry_columns(k, s0, s1, maps, _scratch(1, dd.shape, self.d))).sum(-1)
         return out
 
     def full(self, dim: int) -> torch.Tensor:
