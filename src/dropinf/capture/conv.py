@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 _GRADS_ELEMS = 1 << 22  # cap on the B·|W| numbers of per-example conv weight gradients held at once
+_WAYS: dict = {}        # Patches.entries' choice per conv call shape, made once per process
 
 
 class Patches:
@@ -88,21 +89,25 @@ class Patches:
         examples that bound the B·|W| numbers held) or one batch-of-one backward per example.
         Which is faster depends on the library's kernels (a grouped backward with a few input
         channels per group — an RGB stem — runs at half the speed of B ordinary ones; with many it
-        is 3× faster), so on the CPU the first call of each layer times both and keeps the faster
-        (the two agree to rounding); elsewhere the grouped one."""
+        is 3× faster), so on the CPU the first call of each layer shape in a process times both
+        and takes one backward per example only where it is clearly faster (under 2/3 of the
+        grouped time: a stable choice, so that captures in one process agree bit for bit; the two
+        ways agree to rounding); elsewhere the grouped one."""
         key = (self.spec.module, "grads-way", tuple(self.x.shape))
         if key not in maps:
-            if self.x.device.type != "cpu" or self.B == 1:
-                maps[key] = "grouped"
-            else:
-                secs = {}
-                for way in ("grouped", "each", "grouped", "each"):     # the second call of each counts
-                    t0 = time.perf_counter()
-                    got = self._grads(d, native, way)
-                    secs[way] = time.perf_counter() - t0
-                maps[key] = min(secs, key=secs.get)
-                return got
+            maps[key] = "grouped" if self.x.device.type != "cpu" or self.B == 1 else self._timed_way(d, native)
         return self._grads(d, native, maps[key])
+
+    def _timed_way(self, d: torch.Tensor, native: torch.Tensor) -> str:
+        shape = (tuple(self.x.shape), self.B, self.x.dtype, self.spec.conv, self.spec.groups, self.spec.rows)
+        if shape not in _WAYS:
+            secs: dict[str, list] = {"grouped": [], "each": []}
+            for way in ("grouped", "each", "grouped", "each"):
+                t0 = time.perf_counter()
+                self._grads(d, native, way)
+                secs[way].append(time.perf_counter() - t0)
+            _WAYS[shape] = "each" if min(secs["each"]) < 2 / 3 * min(secs["grouped"]) else "grouped"
+        return _WAYS[shape]
 
     def _grads(self, d: torch.Tensor, native: torch.Tensor, way: str) -> torch.Tensor:
         (kh, kw), stride, padding, dilation = self.spec.conv
