@@ -183,3 +183,38 @@ def test_linear_over_positions_every_gather_path(r):
     model = SeqNet().double()
     batch = (torch.randn(5, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
     capture_check(model, batch, Dropout(r=r, seed=3))
+
+
+class WideCNN(nn.Module):
+    """Convolutions wide enough that Dropout's kept entries reach many rows × columns (the
+    entry-by-entry gather) on few positions, and a stem with many positions and a small weight
+    (the library's weight gradient); in-place ReLU after each, a bias on one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 5, stride=2, padding=2, bias=False)
+        self.wide = nn.Conv2d(16, 96, 3, padding=1)
+        self.down = nn.Conv2d(96, 48, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(48, 4)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.stem(x), inplace=True)
+        h = nn.functional.relu(self.wide(h), inplace=True)
+        h = nn.functional.relu(self.down(h), inplace=True)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_every_conv_path_row_by_row_in_one_model(monkeypatch):
+    """A whole capture whose convolutions take the three paths by cost — the stem its weight
+    gradient from the convolution library, the wide layers each kept entry's patch column from
+    the padded input — gives every example's own row (against one backward per example)."""
+    from dropinf.capture import conv, modules
+    used = {"entries": 0, "grads": 0}
+    for name, cls, key in (("_conv_entries", modules.Use, "entries"), ("entries", conv.Patches, "grads")):
+        orig = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _o=orig, _k=key: (used.__setitem__(_k, used[_k] + 1), _o(*a))[1])
+    torch.manual_seed(0)
+    model = WideCNN().double()
+    batch = (torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1]))
+    capture_check(model, batch, Dropout(r=96, seed=4))
+    assert used["entries"] >= 2 and used["grads"] >= 1
