@@ -41,8 +41,8 @@ def main() -> None:
                                               "Gaussian, LoGra); all when empty")
     a = p.parse_args()
     only = set(filter(None, a.only.split(",")))
-    run = lambda task, name: (not only or name in only) and (task, name) not in skip
     skip = {tuple(x.split(":", 1)) for x in a.skip.split(",") if x}
+    run = lambda task, name: (not only or name in only) and (task, name) not in skip
     torch.set_num_threads(a.threads)
     import dataclasses
     from dropinf import Dropout, Gaussian, GaussNewton, LoGra, default_setting

@@ -149,14 +149,16 @@ class Use:
 
         A convolution whose per-example weight gradients cost less than reading its kept entries
         (Patches.grads_cheaper: large T, few weights — the early layers of a CNN) takes them all
-        from one grouped convolution backward and gathers. Otherwise two ways, chosen per layer
-        by cost: gather the r (o, k) columns of δ and a and sum their products over t (O(B·T·r)
-        memory traffic, in cache-sized chunks through reused scratch tensors), or — when T is
-        large and the kept entries fall in few rows/columns (convolutions) — one batched matmul of
-        δ[:, :, O]ᵀ a[:, :, K] over the distinct rows O and columns K (O(B·T·|O|·|K|) BLAS work),
-        then a gather. A
-        convolution whose kept entries read at most half of its patch columns unfolds only those
-        (Patches.columns); otherwise every patch once (F.unfold)."""
+        from the convolution library (Patches.entries) and gathers. Otherwise two ways, chosen per
+        layer by cost: gather the r (o, k) columns of δ and a and sum their products over t
+        (O(B·T·r) memory traffic, in cache-sized chunks through reused scratch tensors), or — when
+        T is large and the kept entries fall in few rows/columns (convolutions) — one batched
+        matmul of δ[:, :, O]ᵀ a[:, :, K] over the distinct rows O and columns K (O(B·T·|O|·|K|)
+        BLAS work), then a gather. A convolution with one image per example gathers each entry's
+        patch column straight from the padded input (_conv_entries); for the batched matmul, or a
+        call holding several images per example, it unfolds only the patch columns its kept
+        entries read when that is at most half of them (Patches.columns), otherwise every patch
+        once (F.unfold)."""
         d = self.d
         if isinstance(self._a, Patches):
             if self._a.grads_cheaper(o.numel()):
