@@ -41,6 +41,26 @@ def test_fused_rows_match_the_loop_on_cuda(track):
     assert_rows(mlp, (x, y), track, _autocast_ce, rtol=3e-2)
 
 
+def test_every_conv_path_on_cuda(monkeypatch):
+    """The CNN whose convolutions take the library-gradient and the entry-by-entry paths by cost
+    (tests/capture/test_modules.py), row by row against the loop on the GPU, in float32 and under
+    bfloat16 autocast, with no layer sent to the torch.func path."""
+    from dropinf import Dropout
+    from dropinf.capture import modules
+    from tests.capture.test_layouts import assert_rows
+    from tests.capture.test_modules import WideCNN
+    used = []
+    orig = modules.Use._conv_entries
+    monkeypatch.setattr(modules.Use, "_conv_entries", lambda *a: (used.append(1), orig(*a))[1])
+    torch.manual_seed(0)
+    model = WideCNN().cuda()
+    batch = (torch.randn(5, 3, 16, 16, device="cuda"), torch.tensor([0, 1, 2, 3, 1], device="cuda"))
+    for loss, rtol in ((_ce, 1e-3), (_autocast_ce, 3e-2)):
+        _, seen = assert_rows(model, batch, "all", loss, rtol=rtol, compressor=Dropout(r=96, seed=4))
+        assert not [w for w in seen if "torch.func" in w], seen
+    assert used
+
+
 def test_capture_only_backward_is_bit_identical_on_cuda():
     from dropinf_experiments.models.vision import ResNet18
     from tests.capture.test_lean_backward import assert_lean_equals_full
