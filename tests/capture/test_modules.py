@@ -1,5 +1,7 @@
 """Conv2d and Embedding fused capture against single-example backward passes; LoGra on them."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -205,7 +207,7 @@ class WideCNN(nn.Module):
 
 
 def test_every_conv_path_row_by_row_in_one_model(monkeypatch):
-    """A whole capture whose convolutions take the three paths by cost — the stem its weight
+    """A whole capture whose convolutions take their two paths by cost — the stem its weight
     gradient from the convolution library, the wide layers each kept entry's patch column from
     the padded input — gives every example's own row (against one backward per example)."""
     from dropinf.capture import conv, modules
@@ -216,7 +218,6 @@ def test_every_conv_path_row_by_row_in_one_model(monkeypatch):
     torch.manual_seed(0)
     model = WideCNN().double()
     batch = (torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1]))
-    import warnings
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         capture_check(model, batch, Dropout(r=96, seed=4))
