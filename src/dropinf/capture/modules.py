@@ -195,16 +195,15 @@ class Use:
             else:
                 sub = torch.bmm(pick(d, 2, plan["uo"]).transpose(1, 2), pick(a, 2, plan["uk"]))
             return sub.reshape(B, -1).index_select(1, plan["flat"])
-        step = max(1, _CHUNK_ELEMS // max(1, B * T))
         out = into if into is not None else torch.empty(B, o.numel(), device=d.device, dtype=d.dtype)
-        for s0 in range(0, o.numel(), step):
+        if cf:                               # (B, step, T) each side, summed over T
+            return _chunked_dot(d_cf, o, lambda s0, s1, buf: torch.index_select(a_cf, 1, k[s0:s1], out=buf),
+                                a, _CHUNK_ELEMS, out)
+        step = max(1, _CHUNK_ELEMS // max(1, B * T))
+        for s0 in range(0, o.numel(), step):     # (B, T, step) each side, summed over T
             oo, kk = o[s0:s0 + step], k[s0:s0 + step]
-            if cf:                           # (B, step, T) each side, summed over T
-                dd = torch.index_select(d_cf, 1, oo, out=_scratch(0, (B, oo.numel(), T), d))
-                out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a_cf, 1, kk, out=_scratch(1, dd.shape, a))).sum(-1)
-            else:                            # (B, T, step) each side, summed over T
-                dd = torch.index_select(d, 2, oo, out=_scratch(0, (B, T, oo.numel()), d))
-                out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=_scratch(1, dd.shape, a))).sum(1)
+            dd = torch.index_select(d, 2, oo, out=_scratch(0, (B, T, oo.numel()), d))
+            out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=_scratch(1, dd.shape, a))).sum(1)
         return out
 
     def _conv_entries(self, o: torch.Tensor, k: torch.Tensor, maps: dict, into: torch.Tensor | None) -> torch.Tensor:
@@ -213,15 +212,10 @@ class Use:
         padded input (Patches.entry_columns), multiplied and summed over positions — 2·B·T·r
         numbers read, no patch unfolded (1.4-2.4× faster than unfolding every patch and gathering
         from that, measured on ResNet-18's 3×3 layers one at a time)."""
-        d_cf, a = self.d.transpose(1, 2), self._a              # (B, C_out, T)
-        B, T = self.d.shape[0], self.d.shape[1]
-        step = max(1, _CONV_CHUNK // max(1, B * T))
-        out = into if into is not None else torch.empty(B, o.numel(), device=self.d.device, dtype=self.d.dtype)
-        for s0 in range(0, o.numel(), step):
-            s1 = min(o.numel(), s0 + step)
-            dd = torch.index_select(d_cf, 1, o[s0:s1], out=_scratch(0, (B, s1 - s0, T), self.d))
-            out[:, s0:s1] = dd.mul_(a.entry_columns(k, s0, s1, maps, _scratch(1, dd.shape, self.d))).sum(-1)
-        return out
+        d = self.d
+        out = into if into is not None else torch.empty(d.shape[0], o.numel(), device=d.device, dtype=d.dtype)
+        return _chunked_dot(d.transpose(1, 2), o, lambda s0, s1, buf: self._a.entry_columns(k, s0, s1, maps, buf),
+                            d, _CONV_CHUNK, out)
 
     def full(self, dim: int) -> torch.Tensor:
         """The whole flat per-example gradient of the block (B, dim), zeros where this use has no say."""
@@ -263,6 +257,21 @@ class Use:
         if s.kind in ("linear", "conv2d"):                      # rows = out, cols = in
             return torch.einsum("bto,bti->boi", pd, pa).reshape(B, -1)
         return torch.einsum("bti,bto->bio", pa, pd).reshape(B, -1)  # rows = in, cols = out
+
+
+def _chunked_dot(d_cf: torch.Tensor, o: torch.Tensor, a_rows, a_like: torch.Tensor, chunk: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out[:, s] = Σ_t δ[:, o_s, t] · a_s[:, t] for channel-first δ (B, C_out, T), in chunks of
+    entries of about ``chunk`` numbers a side: ``a_rows(s0, s1, buf)`` writes the input side of
+    entries s0..s1-1, (B, s1 - s0, T), into the reused scratch ``buf`` (``a_like``'s dtype and
+    device) and returns it."""
+    B, T = d_cf.shape[0], d_cf.shape[2]
+    step = max(1, chunk // max(1, B * T))
+    for s0 in range(0, o.numel(), step):
+        s1 = min(o.numel(), s0 + step)
+        dd = torch.index_select(d_cf, 1, o[s0:s1], out=_scratch(0, (B, s1 - s0, T), d_cf))
+        out[:, s0:s1] = dd.mul_(a_rows(s0, s1, _scratch(1, dd.shape, a_like))).sum(-1)
+    return out
 
 
 def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
