@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 FORMAT = "dropinf-precond/2"    # /1 (members kept as a dense r × r M) still loads
 
 
@@ -90,7 +92,6 @@ class Preconditioner:
         if not 0 <= k < self.members:
             raise ValueError(f"member {k} of a preconditioner with {self.members} members")
         if len({int(b.owner.max()) for b in self.blocks if b.owner is not None}) > 1:
-            from ..errors import ConfigError
             raise ConfigError("this fit splits its layers into different numbers of members (member_size), so "
                               "it has no member k common to every layer; per-member scores need members=K")
         blocks = [_member_block(b, k) if b.owner is not None else b for b in self.blocks]
