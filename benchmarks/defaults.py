@@ -50,6 +50,8 @@ def candidates():
          "Dropout r=1024 x32, rn40": (Dropout(r=1024), GaussNewton(members=32, damping_rn=40)),
          "Dropout r=2048 x2, rn40": (Dropout(r=2048), GaussNewton(members=2, damping_rn=40)),
          "Dropout r=2048 x4, rn40": (Dropout(r=2048), GaussNewton(members=4, damping_rn=40)),
+         "Dropout r=2048 x4, rn40, head 0.1": (Dropout(r=2048), GaussNewton(members=4, damping_rn=40,
+                                                                            head_damping=0.1)),
          "Dropout r=1024 x128, rn40": (Dropout(r=1024), GaussNewton(members=128, damping_rn=40)),
          "Dropout r=2048 in groups of 8, rn40 (mislabel_setting())": (Dropout(r=2048),
                                                                       GaussNewton(member_size=8, damping_rn=40)),

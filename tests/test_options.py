@@ -74,8 +74,11 @@ def test_cli_builds_the_same_objects_as_before():
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "exact"])) == ExactHessian()
     # no --estimator: the measured default (dropinf.default_setting()), with the flags given applied to it
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
-        GaussNewton(damping=0.3, members=4)
-    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == GaussNewton()
+        GaussNewton(damping=0.3, members=4, head_damping=0.1)
+    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == \
+        GaussNewton(head_damping=0.1)
+    assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--head-damping", "1"])) == \
+        GaussNewton(members=4)
     # --member-size replaces the default's members (the mislabel estimator), unless --members is given too
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--member-size", "8"])) == \
         GaussNewton(member_size=8)

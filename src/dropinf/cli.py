@@ -18,12 +18,12 @@ def _compressor(a):
 
 
 def _estimator(a):
-    from .methods import ESTIMATORS, default_estimator
+    from .methods import ESTIMATORS, default_estimator, mislabel_estimator
     from .options import build
     if a.estimator is None:              # the measured default; flags given still apply to it
         base = default_estimator(None)
         if getattr(a, "member_size", None) and getattr(a, "members", None) is None:
-            base = dataclasses.replace(base, members=1)     # --member-size replaces the default's members
+            base = mislabel_estimator(None)     # --member-size replaces the default's members: the mislabel estimator
         return build(type(base), a, base=base)
     return build(ESTIMATORS[a.estimator], a)
 
@@ -34,7 +34,8 @@ def _add_estimator(p):
     g = p.add_argument_group("estimator (what stands for H^-1; every option below comes from the estimator "
                              "dataclasses)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=None,
-                   help="default: dropinf's measured default, gauss-newton with members=4 and damping-rn=40 (see "
+                   help="default: dropinf's measured default, gauss-newton with members=4, damping-rn=40 and "
+                        "head-damping=0.1 (see "
                         "dropinf.default_setting()); gauss-newton: per-layer damped Gauss-Newton (paper eq. 3) with "
                         "the class's own options (members=1); datainf: "
                         "Sherman-Morrison average (eq. 9-10); lissa: truncated Neumann series (eq. 7-8); "

@@ -187,3 +187,19 @@ def test_manual_torch_checkpoint_both_ways(reentrant):
         warnings.simplefilter("ignore")
         check_against_loop(model, (x, y))
     assert all(bool((p.grad == 7.0).all()) for p in model.parameters())     # untouched
+
+
+def test_output_layer_in_plain_models():
+    """capture.layers.output_layer: the tracked block of the last module registering parameters (a
+    parametrized head included), None when that module is frozen or not tracked."""
+    from dropinf.capture.layers import output_layer
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert output_layer(mlp, select_layers(mlp)) == "2"
+    assert output_layer(mlp, select_layers(mlp, ["0"])) is None
+    net = ResNet18(width=8, classes=3)
+    assert output_layer(net, select_layers(net, [nn.Conv2d, nn.Linear])) == "fc"
+    normed = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(8, 3)))
+    spec = select_layers(normed, "all")[-1]
+    assert output_layer(normed, select_layers(normed, "all")) == spec.name
+    mlp[2].requires_grad_(False)
+    assert output_layer(mlp, select_layers(mlp)) is None

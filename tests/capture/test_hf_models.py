@@ -201,3 +201,18 @@ def test_peft_seq_cls_with_head_in_modules_to_save_default_track():
     assert sum("lora_A" in n for n in names) == 4 and sum("lora_B" in n for n in names) == 4
     batch = padded_batch([5, 3, 6, 2], seed=4, labels=3)
     check(model, cls_loss, batch, Dropout(r=20, seed=3), track=None)
+
+
+def test_output_layer_is_the_tracked_head():
+    """The layer GaussNewton(head_damping=...) damps apart: the head kept in modules_to_save, the tied
+    LM head (its block is the embedding's), none when only LoRA is tracked."""
+    from dropinf.capture.layers import output_layer
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"])
+    model = peft.get_peft_model(bert("eager"), cfg)
+    assert output_layer(model, select_layers(model)) == "base_model.model.classifier.modules_to_save.default"
+    assert output_layer(model, select_layers(model, "lora")) is None
+    lm = llama("eager")                          # lm_head shares embed_tokens' weight
+    specs = select_layers(lm, "all")
+    assert output_layer(lm, specs) == "model.embed_tokens"
+    assert "lm_head" in {u.module for s in specs if s.name == "model.embed_tokens" for u in s.uses}

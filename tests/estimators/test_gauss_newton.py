@@ -146,3 +146,22 @@ def test_damping_rn_scales_lambda_with_r_over_n():
     assert GN(damping_rn=10.0).fit(proj).blocks[0].damping["a"] == pytest.approx(want)
     members = GN(damping_rn=10.0, members=2).fit(proj).blocks[0].member_damping["a"]
     assert members == pytest.approx(GN(damping_rn=0, members=2).fit(proj).blocks[0].member_damping["a"])
+
+
+def test_head_damping_scales_only_the_output_layer():
+    """head_damping multiplies the rule's λ of the layer the signature names as the model's output
+    layer — one block or every member — and leaves the others (and features naming none) alone."""
+    gen = torch.Generator().manual_seed(4)
+    data = {"a": torch.randn(100, 40, generator=gen), "head": torch.randn(100, 12, generator=gen) * 5}
+    named, unnamed = Features(data, {"output_layer": "head"}), Features(data, {})
+    lam = lambda pre: {b.layers[0]: b.damping[b.layers[0]] for b in pre.blocks}
+    rule = lam(GN().fit(named))
+    assert lam(GN(head_damping=0.1).fit(named)) == pytest.approx({"a": rule["a"], "head": 0.1 * rule["head"]})
+    assert lam(GN(head_damping=0.1).fit(unnamed)) == pytest.approx(rule)
+    members = GN(members=2).fit(named).blocks[1].member_damping["head"]
+    got = GN(members=2, head_damping=0.1).fit(named).blocks[1].member_damping["head"]
+    assert got == pytest.approx({k: 0.1 * v for k, v in members.items()})
+    # a fixed damping is not the rule: head_damping leaves it as given
+    assert lam(GN(damping=0.5, head_damping=0.1).fit(named)) == pytest.approx({"a": 0.5, "head": 0.5})
+    with pytest.raises(Exception, match="head_damping"):
+        GN(head_damping=0.0).fit(named)

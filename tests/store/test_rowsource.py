@@ -43,3 +43,19 @@ def test_signatures_compared_directly_name_the_difference(tmp_path):
     other = Featurizer(f.model, f.loss_fn, compressor=Dropout(r=12, seed=1), progress=False)
     with pytest.raises(FeatureMismatchError, match=r"compressor\.seed: query=1 vs train=0"):
         check_signatures(other.signature(), mem.signature)
+
+
+def test_a_store_written_before_output_layer_was_recorded_still_matches(tmp_path):
+    """output_layer (derived from the model and layers) is recorded in new signatures, not compared:
+    a store whose manifest lacks it resumes, loads and scores against new query features."""
+    import json
+    f, mem, store = _both(tmp_path)
+    assert mem.signature["output_layer"] == f.layers[-1].name
+    manifest = tmp_path / "s" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["signature"]["output_layer"]
+    manifest.write_text(json.dumps(m))
+    check_signatures(f.signature(), m["signature"])
+    loader = torch.utils.data.DataLoader(fixture.build()["train"], batch_size=16)
+    again = featurize_to_store(f, loader, StoreOptions(tmp_path / "s", chunk_size=50))
+    assert "output_layer" not in again.signature

@@ -240,3 +240,22 @@ def _check_shared(specs: list[LayerSpec], model: nn.Module) -> None:
                     f"them has no fused hook; tied weights are supported between fused modules only "
                     f"(Linear, Conv1D, Conv2d, Embedding). Track only one of them.")
             owner[pid] = s.name
+
+
+def output_layer(model: nn.Module, specs: list[LayerSpec]) -> str | None:
+    """The tracked block of the model's output layer — the last module, in the model's module order,
+    that registers parameters of its own (the head of a classifier or language model: ``fc``,
+    ``classifier``, ``lm_head``, a peft ``modules_to_save`` copy) — or None when that module is not
+    tracked (a LoRA-only track, a frozen head). GaussNewton(head_damping=...) damps it apart."""
+    last = None
+    for name, m in model.named_modules():
+        own = [n for n, _ in m.named_parameters(recurse=False)]
+        if own:
+            last = (name, f"{name}.{own[0]}" if name else own[0])
+    if last is None:
+        return None
+    module, param = last
+    for s in specs:
+        if param in s.param_names or module in {u.module for u in s.uses}:
+            return s.name
+    return None

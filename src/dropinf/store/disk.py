@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import FeatureMismatchError, StoreError  # StoreError: also dropinf.store.disk.StoreError
-from .features import Features
+from .features import Features, _diff, comparable
 from .chunk import ChunkWriter
 from .files import _atomic_write, _checksum_ok, _crc, _dump
 from .locks import claim
@@ -119,9 +119,9 @@ class FeatureStore:
         if mpath.exists():
             old = cls.open(path, require_complete=False).manifest
             for key in ("format", "signature", "dtype", "n", "chunk_size", "layers"):
-                if old[key] != manifest[key]:
-                    from .features import _diff
-                    d = _diff(old[key], manifest[key], key) or [(key, old[key], manifest[key])]
+                was, now = (comparable(old[key]), comparable(manifest[key])) if key == "signature" else (old[key], manifest[key])
+                if was != now:
+                    d = _diff(was, now, key) or [(key, was, now)]
                     what = "; ".join(f"{p}: store={s} vs now={q}" for p, s, q in d[:3])
                     raise FeatureMismatchError(
                         f"{path} already holds a store built with different settings ({what}). Use another "

@@ -106,9 +106,18 @@ def check_compatible(query, train) -> None:
     check_signatures(query.signature, train.signature)
 
 
+#: signature fields derived from the compared ones (not compared: older stores lack them)
+DERIVED = ("output_layer",)
+
+
+def comparable(signature):
+    """The signature without its DERIVED fields: what two feature sets must share."""
+    return {k: v for k, v in signature.items() if k not in DERIVED} if isinstance(signature, dict) else signature
+
+
 def check_signatures(query: dict, train: dict) -> None:
     """Raise FeatureMismatchError naming the first field where the two signatures differ."""
-    diffs = _diff(query, train, "")
+    diffs = _diff(comparable(query), comparable(train), "")
     if diffs:
         raise FeatureMismatchError(
             "query and train features are not comparable: "

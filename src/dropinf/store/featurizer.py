@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
-from ..capture.layers import LayerSpec, TrackSpec, select_layers
+from ..capture.layers import LayerSpec, TrackSpec, output_layer, select_layers
 from ..capture.tokens import TokenCapture
 from ..compress import Dropout
 from ..errors import ConfigError, EmptyDataError, LossShapeError
@@ -140,11 +140,14 @@ class Featurizer:
         return p.device if p is not None else torch.device("cpu")
 
     def signature(self) -> dict:
-        """What must be equal for two feature sets to be comparable (model, layers, r, compressor)."""
+        """What must be equal for two feature sets to be comparable (model, layers, r, compressor), and
+        which tracked layer is the model's output layer (capture.layers.output_layer; derived from the
+        model and layers, so not compared: stores written before it was recorded still match)."""
         return {"model": model_fingerprint(self.model, self.layers),
                 "layers": [l.describe() for l in self.layers],
                 "r": {l.name: self.compressors[l.name].r for l in self.layers},
-                "compressor": self.compressor.signature()}
+                "compressor": self.compressor.signature(),
+                "output_layer": output_layer(self.model, self.layers)}
 
     def damping_dims(self) -> dict[str, int]:
         """D_l of each layer for the damping rule: r_l for coordinate sampling, d_l for projections."""
