@@ -12,6 +12,9 @@ best grid factor times its own damping).
                  each layer's P cached (cache_mb=4096: the MLP's first P is 2048 × 401,920, 3.3 GB)
   LoGra a x b    LoGra with a·b = 2048 per layer
 
+With --head every variant is also scored with the default's damping of the model's output layer
+(GaussNewton(head_damping=0.1): "X, head 0.1", at the rule and at its best grid factor).
+
 Mean ± std over mask seeds 0 and 1.
 Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm] [--only Gaussian,LoGra] [--skip mlp:Gaussian]
 """
@@ -39,6 +42,8 @@ def main() -> None:
                                               "the MLP's 400k-wide layer makes it an 8-TFLOP projection per seed)")
     p.add_argument("--only", default="", help="comma-separated variants to run (default, Dropout, Dropout+rot, "
                                               "Gaussian, LoGra); all when empty")
+    p.add_argument("--head", action="store_true",
+                   help="also score every variant with the default's head_damping (rule, and its best grid factor)")
     a = p.parse_args()
     only = set(filter(None, a.only.split(",")))
     skip = {tuple(x.split(":", 1)) for x in a.skip.split(",") if x}
@@ -74,7 +79,12 @@ def main() -> None:
                 _, tr, qu, _ = _features(model, task, c, train_dl, query_dl)
                 res.setdefault(name, []).append(float(lds(_score(GaussNewton(), tr, qu)[0], gt).mean))
                 best.setdefault(name, []).append(_gn_variants(tr, qu, gt, seed)[0]["oracle"])
-                nbytes[name] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
+                nbytes[name] = nbytes[f"{name}, head 0.1"] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
+                if a.head:          # the default's damping of the output layer given to this variant too
+                    gn = lambda f: GaussNewton(damping_factor=0.1 * f, head_damping=est.head_damping)
+                    res.setdefault(f"{name}, head 0.1", []).append(float(lds(_score(gn(1), tr, qu)[0], gt).mean))
+                    best.setdefault(f"{name}, head 0.1", []).append(max(
+                        float(lds(_score(gn(f), tr, qu)[0], gt).mean) for f in DAMPING_GRID))
         for name, v in res.items():
             print(f"| {task} | {name} | {nbytes[name]:,} | {np.mean(v):.3f} ± {np.std(v):.3f} | "
                   f"{np.mean(best[name]):.3f} ± {np.std(best[name]):.3f} |", flush=True)
