@@ -14,18 +14,22 @@ g_l = e_l^(1-β) · ē^β, the variants are
   up β     λ_l = F · c_l · max(e_l, g_l)                (more damping on layers below it)
   rn β     λ_l = F · e_l · max(1, (c_l - 1) · min(1, (ē/e_l)^β) + 1)
                                                           (the damping_rn boost only below the mean)
+  head ÷k  the rule, with the model's output layer's λ divided by k (GaussNewton(head_damping=1/k);
+           the output layer as the features' signature names it, capture.layers.output_layer)
 
 on the default's rows (Dropout(r=2048) in four members; mask seeds 0 and 1) of the three LDS tasks
 (`dropinf reproduce lds` fast setting; its cached ground truth in reports/lds is reused, run that
-first). LDS mean ± std over the two mask seeds, beside the default (the rule, F = 0.1).
+first). LDS mean ± std over the two mask seeds, beside the rule on every layer (F = 0.1; the default is
+"head ÷10").
 
 Run: python benchmarks/layer_damping.py [--tasks mlp,cnn,lm] [--variants both,down,up,rn]
-         [--betas 0.5,1] [--factors 0.1]
+         [--betas 0.5,1] [--factors 0.1] [--head-divisors 3,10,30,100,1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,6 +64,7 @@ def main() -> None:
     p.add_argument("--variants", default="both,down,up,rn")
     p.add_argument("--betas", default="0.5,1")
     p.add_argument("--factors", default="0.1", help="damping factors F")
+    p.add_argument("--head-divisors", default="3,10,30,100,1000", help="k of the 'head ÷k' rows ('' for none)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from dropinf import GaussNewton, default_setting
@@ -76,8 +81,11 @@ def main() -> None:
             comp, est = default_setting(seed)
             _, tr, qu, _ = _features(model, task, comp, train_dl, query_dl)
             sizes = {l: sum(q.numel() for q in model.get_submodule(l).parameters(recurse=False)) for l in tr.data}
-            res.setdefault(("default (rule)", "", est.damping_factor), []).append(
-                float(lds(_score(est, tr, qu)[0], gt).mean))
+            rule = dataclasses.replace(est, head_damping=1.0)      # the rule on every layer
+            res.setdefault(("rule", "", est.damping_factor), []).append(float(lds(_score(rule, tr, qu)[0], gt).mean))
+            for k in [float(x) for x in a.head_divisors.split(",") if x]:
+                s, _ = _score(dataclasses.replace(rule, head_damping=1.0 / k), tr, qu)
+                res.setdefault((f"head ÷{k:g}", "", est.damping_factor), []).append(float(lds(s, gt).mean))
             for v, b, f in grid:
                 lam = layer_lambdas(tr.data, sizes, tr.n, est.members, est.damping_rn, f, v, b)
                 s, _ = _score(GaussNewton(members=est.members, damping=lam), tr, qu)

@@ -165,3 +165,18 @@ def test_head_damping_scales_only_the_output_layer():
     assert lam(GN(damping=0.5, head_damping=0.1).fit(named)) == pytest.approx({"a": 0.5, "head": 0.5})
     with pytest.raises(Exception, match="head_damping"):
         GN(head_damping=0.0).fit(named)
+
+
+def test_the_default_damps_the_tracked_head_a_tenth_of_the_rule(tmp_path):
+    """Attributor(model, loss_fn): the model's last Linear is named output_layer in the features (memory
+    and store alike) and gets 0.1 × the rule's λ, every other layer the rule."""
+    from dropinf.store.writer import StoreOptions
+    model, train = tiny_mlp(d_in=6, hidden=40), loader(tiny_data(n=64))
+    for store in (None, StoreOptions(tmp_path / "s", chunk_size=24)):
+        attr = Attributor(model.double(), ce_loss, progress=False)
+        src = attr.featurize(train, store=store)
+        assert src.signature["output_layer"] == "2"
+        got = {b.layers[0]: b.member_damping[b.layers[0]] for b in attr.fitted().preconditioner.blocks}
+        rule = {b.layers[0]: b.member_damping[b.layers[0]] for b in GN(members=4).fit(src).blocks}
+        assert got["0"] == pytest.approx(rule["0"])
+        assert got["2"] == pytest.approx({k: 0.1 * v for k, v in rule["2"].items()})
