@@ -1,6 +1,7 @@
 """The user's entry point: featurize the training data once, score any number of query sets.
 
-    attr = Attributor(model, loss_fn)          # dropinf.default_setting(): Dropout(r=2048), GaussNewton(members=4)
+    attr = Attributor(model, loss_fn)          # dropinf.default_setting(): Dropout(r=2048),
+                                               # GaussNewton(members=4, head_damping=0.1)
     attr.featurize(train_loader)
     scores = attr.score(query_loader)      # numpy float32, shape (n_query, n_train)
 
@@ -62,7 +63,8 @@ class Attributor(Analyses):
                 DataLoader yields (tensors, tuples, dicts)
     compressor: default Dropout() (r=2048 per layer); Identity() (Orig), Dropout(r, seed),
                 Gaussian(r, seed), ...
-    estimator:  default: GaussNewton(members=4) for Dropout (dropinf.default_setting(), measured),
+    estimator:  default: GaussNewton(members=4, head_damping=0.1) for Dropout (dropinf.default_setting(),
+                measured),
                 GaussNewton() otherwise; dropinf.paper_setting() is the paper's Dropout(r=16) + rule
     track:      None → every nn.Linear; "all"; or module names / glob patterns / types
     score_options: ScoreOptions(device, dtype, query_batch, train_batch) for fit and scoring

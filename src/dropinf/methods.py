@@ -22,9 +22,9 @@ DEFAULT_HEAD_DAMPING = 0.1
 def default_setting(seed: int = 0):
     """(compressor, estimator) that ``Attributor(model, loss_fn)`` uses: ``Dropout(r=2048, seed)`` per
     layer (capped at each layer's size), its kept coordinates split into four members
-    (``GaussNewton(members=4)``: four disjoint masks of 512, each its own H̃ and λ, scores averaged)
-    with the measured damping (damping_rn=40, and a tenth of the rule's λ on the model's output layer
-    when it is tracked: head_damping=0.1) — chosen by the sweep in benchmarks/defaults.py over
+    (``GaussNewton(members=4, head_damping=0.1)``: four disjoint masks of 512, each its own H̃ and λ,
+    scores averaged) with the measured damping (damping_rn=40, and a tenth of the rule's λ on the
+    model's output layer when it is tracked) — chosen by the sweep in benchmarks/defaults.py over
     three LDS tasks and two mislabel tasks (README, "The default and how it was chosen"). The
     estimator is the same for every seed (the mask seed already draws new coordinates), so a store
     scored from Python and from the command line gets the same fit."""
