@@ -92,14 +92,18 @@ class Patches:
         is 3× faster), so on the CPU the first call of each layer shape in a process times both
         and takes one backward per example only where it is clearly faster (under 2/3 of the
         grouped time: a stable choice, so that captures in one process agree bit for bit; the two
-        ways agree to rounding); elsewhere the grouped one."""
+        ways agree to rounding); elsewhere the grouped one. The choice is kept per example shape,
+        whatever the batch size."""
         key = (self.spec.module, "grads-way", tuple(self.x.shape))
         if key not in maps:
             maps[key] = "grouped" if self.x.device.type != "cpu" or self.B == 1 else self._timed_way(d, native)
         return self._grads(d, native, maps[key])
 
     def _timed_way(self, d: torch.Tensor, native: torch.Tensor) -> str:
-        shape = (tuple(self.x.shape), self.B, self.x.dtype, self.spec.conv, self.spec.groups, self.spec.rows)
+        # keyed by one example's shape, not the batch size: a loader's shorter last batch (or a query
+        # set's other batch size) reuses the choice instead of timing both ways again
+        shape = (tuple(self.x.shape[1:]), self.n // self.B, self.x.dtype, self.spec.conv, self.spec.groups,
+                 self.spec.rows)
         if shape not in _WAYS:
             secs: dict[str, list] = {"grouped": [], "each": []}
             for way in ("grouped", "each", "grouped", "each"):
