@@ -13,10 +13,11 @@ best grid factor times its own damping).
   LoGra a x b    LoGra with a·b = 2048 per layer
 
 With --head every variant is also scored with the default's damping of the model's output layer
-(GaussNewton(head_damping=0.1): "X, head 0.1", at the rule and at its best grid factor).
+(GaussNewton(head_damping=0.1): "X, head 0.1", at the rule and at its best grid factor, damping_rn=40
+kept; the other rows' oracle uses the paper's rule × the grid and choose_damping's λ).
 
 Mean ± std over mask seeds 0 and 1.
-Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm] [--only Gaussian,LoGra] [--skip mlp:Gaussian]
+Run: python benchmarks/equal_bytes.py [--tasks mlp,cnn,lm] [--only Gaussian,LoGra] [--skip mlp:Gaussian] [--head]
 """
 
 from __future__ import annotations
