@@ -59,3 +59,6 @@ def test_a_store_written_before_output_layer_was_recorded_still_matches(tmp_path
     loader = torch.utils.data.DataLoader(fixture.build()["train"], batch_size=16)
     again = featurize_to_store(f, loader, StoreOptions(tmp_path / "s", chunk_size=50))
     assert "output_layer" not in again.signature
+    from dropinf import Attributor
+    attr = Attributor.from_store(tmp_path / "s", f.model, f.loss_fn, progress=False)
+    assert attr.score(loader).shape == (store.n, store.n)
