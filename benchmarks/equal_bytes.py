@@ -80,8 +80,9 @@ def main() -> None:
                 _, tr, qu, _ = _features(model, task, c, train_dl, query_dl)
                 res.setdefault(name, []).append(float(lds(_score(GaussNewton(), tr, qu)[0], gt).mean))
                 best.setdefault(name, []).append(_gn_variants(tr, qu, gt, seed)[0]["oracle"])
-                nbytes[name] = nbytes[f"{name}, head 0.1"] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
+                nbytes[name] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
                 if a.head:          # the default's damping of the output layer given to this variant too
+                    nbytes[f"{name}, head 0.1"] = nbytes[name]
                     gn = lambda f: GaussNewton(damping_factor=0.1 * f, head_damping=est.head_damping)
                     res.setdefault(f"{name}, head 0.1", []).append(float(lds(_score(gn(1), tr, qu)[0], gt).mean))
                     best.setdefault(f"{name}, head 0.1", []).append(max(

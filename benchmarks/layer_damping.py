@@ -12,7 +12,7 @@ g_l = e_l^(1-β) · ē^β, the variants are
   both β   λ_l = F · c_l · g_l                          (β = 1: one λ for the model, as Orig)
   down β   λ_l = F · c_l · min(e_l, g_l)                (less damping on layers above the model's mean)
   up β     λ_l = F · c_l · max(e_l, g_l)                (more damping on layers below it)
-  rn β     λ_l = F · e_l · max(1, (c_l - 1) · min(1, (ē/e_l)^β) + 1)
+  rn β     λ_l = F · e_l · (1 + (c_l - 1) · min(1, (ē/e_l)^β))
                                                           (the damping_rn boost only below the mean)
   head ÷k  the rule, with the model's output layer's λ divided by k (GaussNewton(head_damping=1/k);
            the output layer as the features' signature names it, capture.layers.output_layer)
