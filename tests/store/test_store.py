@@ -41,7 +41,9 @@ def test_store_falls_back_to_memory_for_row_estimators(tmp_path):
     mem.featurize(train)
     disk = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=20), estimator=LiSSA(), progress=False)
     disk.featurize(train, store=StoreOptions(tmp_path / "s", chunk_size=64))
-    np.testing.assert_allclose(disk.score(query), mem.score(query), rtol=1e-4, atol=1e-6)
+    want = mem.score(query)
+    # float32 LiSSA sums cancel: entries near zero carry absolute, not relative, error
+    np.testing.assert_allclose(disk.score(query), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def test_blockwise_topk_equals_dense_topk(tmp_path):
