@@ -18,7 +18,10 @@ seed, on the harness's cached ground truth:
 
 Methods: the default (`dropinf.default_setting()`), and at the harness's larger budget r: Dropout
 (one mask), Dropout+rot+budget (energy layer budget on rotated coordinates), Gaussian and LoGra
-(each with GaussNewton at the paper's rule × the grid factor, as `reproduce lds` scores them).
+(each with GaussNewton at the paper's rule × the grid factor, as `reproduce lds` scores them); and
+at the default's own bytes (r=2048 per layer) one plain or rotated mask scored with the default's
+damping (damping_rn=40, head_damping=0.1) × the grid factor ("Dropout 2048 head",
+"Dropout+rot 2048 head": the default without its members).
 
 Run: python benchmarks/lds_noise.py [--tasks cnn,lm,mlp] [--methods ...] (run `dropinf reproduce lds`
 first: it writes the ground truth this reads). Deterministic: no timing is taken.
@@ -35,7 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHODS = ("Dropout", "Dropout+rot+budget", "Gaussian", "LoGra")
+METHODS = ("Dropout", "Dropout+rot+budget", "Gaussian", "LoGra", "Dropout 2048 head", "Dropout+rot 2048 head")
+
+
+def estimator(method: str, factor: float):
+    """GaussNewton at ``factor`` × the paper's λ (the harness's rows), or for the "2048 head" rows
+    (one mask at the default's bytes) the default's own damping (damping_rn=40, head 0.1) × factor."""
+    from dropinf.estimators import GaussNewton
+    if method.endswith("2048 head"):
+        return GaussNewton(damping_factor=0.1 * factor, damping_rn=40, head_damping=0.1)
+    return GaussNewton(damping_factor=0.1 * factor, damping_rn=0)
 
 
 def spearman_cols(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -62,14 +74,15 @@ def compressors(task: str, model, train_dl, seed: int, r: int) -> dict:
                                                                 track=_track(task), rule="energy", seed=seed),
                                                  seed=seed, rotate=True),
            "Gaussian": lambda: Gaussian(r=per_layer, seed=seed),
-           "LoGra": lambda: LoGra(*_logra(r), seed=seed)}
+           "LoGra": lambda: LoGra(*_logra(r), seed=seed),
+           "Dropout 2048 head": lambda: Dropout(r=2048, seed=seed),
+           "Dropout+rot 2048 head": lambda: Dropout(r=2048, seed=seed, rotate=True)}
     return out
 
 
 def predictions(task: str, methods: list[str], seeds: list[int]) -> tuple:
     """({(method, seed): {factor: (M, Q) predicted subset sums}}, truth (M, Q), bytes per method)."""
     from dropinf import default_setting
-    from dropinf.estimators import GaussNewton
     from dropinf_experiments.lds import DAMPING_GRID, PRESETS, _features, _score
     from _common import lds_task
     _, gt, model, train_dl, query_dl = lds_task(task)
@@ -85,7 +98,7 @@ def predictions(task: str, methods: list[str], seeds: list[int]) -> tuple:
         for m in methods:
             _, tr, qu, _ = _features(model, task, made[m](), train_dl, query_dl)
             nbytes[m] = 4 * sum(tr.layer_r(n) for n in tr.layer_names())
-            preds[(m, seed)] = {f: masks @ _score(GaussNewton(damping_factor=0.1 * f, damping_rn=0), tr, qu)[0].T
+            preds[(m, seed)] = {f: masks @ _score(estimator(m, f), tr, qu)[0].T
                                 for f in DAMPING_GRID}
             print(f"  [{task}] {m} seed {seed}: done", flush=True)
     return preds, gt.mean, nbytes, r
@@ -106,7 +119,7 @@ def analyse(task: str, preds: dict, truth: np.ndarray, nbytes: dict, r: int, dra
     d_boot = np.mean([per_draw(dflt[s]) for s in seeds], 0)
     lines = [f"\n**{task}** (ground truth: {M} subsets × {Q} queries; the others at r={r}/layer; mean over "
              f"mask seeds {seeds})\n",
-             "| method | bytes/example | at the paper's λ | best λ (same subsets) | best λ (cross-fitted) "
+             "| method | bytes/example | at its rule | best λ (same subsets) | best λ (cross-fitted) "
              "| Δ default − best λ (95 % CI) |", "|---|---|---|---|---|---|",
              f"| **dropinf default** (its own damping) | {nbytes['default']} | {d_val:.3f} | - | - | - |"]
     for m in sorted({k for k, _ in preds if k != "default"}, key=list(METHODS).index):
