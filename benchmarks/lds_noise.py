@@ -1,12 +1,13 @@
 """How much of an LDS gap is real (issue 24): the default against the other methods at their best λ,
 with the best λ's selection bias removed and the ground truth's own sampling noise measured.
 
-`reproduce lds` reports each method's "best λ" as the best of 7 damping factors evaluated on the
-same 64 retraining subsets it is then reported on: an upper bound that no user can reach (it needs
-the ground truth) and that is biased upwards by the choice itself. This benchmark, per task and mask
-seed, on the harness's cached ground truth:
+`reproduce lds` reports each method's "best λ" as the best of its damping grid (7 factors and
+choose_damping's λ) evaluated on the same 64 retraining subsets it is then reported on: an upper
+bound that no user can reach (it needs the ground truth) and that is biased upwards by the choice
+itself. This benchmark, per task and mask seed, on the harness's cached ground truth, over the 7
+grid factors (DAMPING_GRID × the rule):
 
-  best λ (same subsets)  the harness's oracle: the factor with the highest LDS on all subsets
+  best λ (same subsets)  the harness's kind of oracle: the factor with the highest LDS on all subsets
   best λ (cross-fitted)  the factor picked on one half of the subsets, its LDS read on the other
                          half, and the halves swapped (mean of the two): what tuning λ on
                          ground truth is worth on subsets it did not see
