@@ -53,13 +53,10 @@ def estimator(method: str, factor: float):
 
 
 def spearman_cols(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-column Spearman correlation of (M, Q) arrays (NaN for a constant column)."""
-    from scipy.stats import rankdata
-    a, b = rankdata(pred, axis=0), rankdata(truth, axis=0)
-    a, b = a - a.mean(0), b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(0) / den, np.nan)
+    """Per-column Spearman correlation of (M, Q) arrays (NaN for a constant column): the one that
+    dropinf.eval.lds.lds averages, on predicted subset sums instead of scores."""
+    from dropinf.eval.lds import _columnwise
+    return _columnwise(pred, truth, rank=True)
 
 
 def lds_of(pred: np.ndarray, truth: np.ndarray, rows=slice(None)) -> float:

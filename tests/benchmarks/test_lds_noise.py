@@ -4,7 +4,6 @@ excludes 0 while that of no gap holds it."""
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("lds_noise", ROOT / "benchmarks" / "lds_noise.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
