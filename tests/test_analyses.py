@@ -39,3 +39,29 @@ def test_mislabeled_scores_with_the_mislabel_estimator_on_the_same_rows(tmp_path
     pre = again.fitted_with(GaussNewton(member_size=8))
     assert again.store.rows_read == before and pre.blocks[0].form == "members"
     np.testing.assert_allclose(again.mislabeled(qu), got, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_in_memory_fit_is_made_on_first_use_and_equals_an_eager_fit():
+    """featurize(loader) without a store checks the estimator at once and fits it on first use:
+    mislabeled alone never fits the attribution estimator, and the scores are those of fit()."""
+    import pytest
+    from dropinf.errors import ConfigError
+    t = fixture.build()
+    dl = lambda ds: torch.utils.data.DataLoader(ds, batch_size=16)
+    lazy = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=40, seed=2), progress=False)
+    lazy.featurize(dl(t["train"]))
+    assert lazy.fit_status == "pending"
+    lazy.mislabeled(dl(t["query"]))
+    assert lazy.fit_status == "pending" and len(lazy.state.others) == 1
+    got = lazy.score(dl(t["query"]))
+    assert lazy.fit_status == "fitted"
+    eager = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=40, seed=2), progress=False)
+    eager.featurize(dl(t["train"]))
+    eager.fit()
+    assert eager.fit_status == "fitted"
+    np.testing.assert_array_equal(got, eager.score(dl(t["query"])))
+    # option errors still come from featurize, before any fit
+    bad = Attributor(t["model"], t["loss_fn"], compressor=Dropout(r=40), estimator=GaussNewton(head_damping=0.0),
+                     progress=False)
+    with pytest.raises(ConfigError, match="head_damping"):
+        bad.featurize(dl(t["train"]))

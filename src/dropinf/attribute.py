@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -30,6 +29,7 @@ from .errors import ConfigError, EmptyDataError, FeatureMismatchError
 from .estimators import ExactHessian, FitContext, Preconditioner
 from .estimators.preconditioner import estimator_signature
 from .estimators.cache import PreconditionerCache
+from .fitted import Fitted
 from .methods import default_estimator
 from .report.options import ReportOptions
 from .score import open_scores_for_ranks
@@ -41,18 +41,6 @@ from .store.featurizer import CaptureOptions, Featurizer
 from .store.writer import StoreOptions
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-@dataclass
-class Fitted:
-    """An Attributor's fitted state, in one place: the train rows (in-memory Features or a
-    FeatureStore), the preconditioner fitted on them, and how it was obtained."""
-
-    train: RowSource
-    preconditioner: Preconditioner
-    status: str                          # "fitted", or "loaded PATH" when reused from a store
-    ids: torch.Tensor | None = None      # the train rows' dataset ids, read once
-    others: dict = field(default_factory=dict)   # other estimators fitted on the same rows (fitted_with)
 
 
 class Attributor(Analyses):
@@ -116,7 +104,9 @@ class Attributor(Analyses):
     def featurize(self, train_loader: Iterable, store: str | Path | StoreOptions | None = None):
         """Capture train features and fit the estimator (its preconditioner M).
 
-        store=None: features in memory; returns them (Features).
+        store=None: features in memory; returns them (Features). The estimator's options are
+        checked now and it is fitted on first use (score, topk, ... or ``attr.preconditioner``),
+        so a run that only calls ``mislabeled`` never fits it; ``fit()`` fits at once.
         store=PATH or StoreOptions(PATH, chunk_size=None (≈ 64 MiB shards), dtype="float32"): stream
         them, batch by batch, to an on-disk FeatureStore in chunks, resuming a previous interrupted run into the same folder,
         split across processes under torchrun; the fitted preconditioner is saved in the store;
@@ -140,13 +130,13 @@ class Attributor(Analyses):
     def use_features(self, train: Features, train_loader: Iterable | None = None) -> "Attributor":
         """Adopt precomputed train features (from ``compute_features`` or ``derive_features``) and
         fit the estimator on them. ``train_loader`` is needed only by ExactHessian and
-        LiSSA(hvp="model"), which re-run the model."""
+        LiSSA(hvp="model"), which re-run the model. The fit is made on first use (see ``featurize``)."""
         check_signatures(train.signature, self.signature())
         if train.n == 0:
             raise EmptyDataError("the train features hold no rows")
         if train_loader is not None:
             self.train_loader = train_loader
-        self._fit(train)
+        self._fit(train, lazy=True)
         return self
 
     @classmethod
@@ -194,7 +184,8 @@ class Attributor(Analyses):
     preconditioner = property(lambda self: self.state.preconditioner if self.state else None,
                               doc="the fitted estimator (estimators.Preconditioner), or None")
     fit_status = property(lambda self: self.state.status if self.state else None,
-                          doc='"fitted", or "loaded PATH" when the preconditioner was reused from a store')
+                          doc='"fitted"; "loaded PATH" when the preconditioner was reused from a store; '
+                              '"pending" for in-memory rows not yet scored (fitted on first use)')
     train_source = property(lambda self: self.fitted("reading the train rows").train,
                             doc="the train rows (RowSource): a FeatureStore or in-memory Features")
 
@@ -209,11 +200,18 @@ class Attributor(Analyses):
             self.train_loader = train_loader
         return self._fit(self.fitted("fit()").train)
 
-    def _fit(self, source: RowSource) -> Preconditioner:
+    def _fit(self, source: RowSource, lazy: bool = False) -> Preconditioner | None:
         """Fit on ``source`` (streamed; on ``score_options.device`` or the model's device; split
         across torchrun ranks) and make it the fitted state. With a store, a preconditioner saved
-        there for the same estimator options is loaded instead, and a new fit is saved."""
-        pre, status = self._fit_estimator(source, self.estimator)
+        there for the same estimator options is loaded instead, and a new fit is saved.
+        lazy=True and an estimator with ``check(train, ctx)`` (GaussNewton): check its options now
+        (their errors stay here) and fit on first use of ``state.preconditioner``."""
+        estimator = self.estimator
+        if lazy and hasattr(estimator, "check"):     # estimators that re-run the model fit at once
+            estimator.check(source, self._fit_context())
+            self.state = Fitted(source, None, "pending", pending=lambda: self._fit_estimator(source, estimator))
+            return None
+        pre, status = self._fit_estimator(source, estimator)
         self.state = Fitted(source, pre, status)
         return pre
 
@@ -238,14 +236,17 @@ class Attributor(Analyses):
         if on_disk:
             self._say(f"dropinf: fitting {type(estimator).__name__} on {source.n} stored rows "
                       f"(no saved preconditioner with these options in {source.path})")
-        ctx = FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
-                         self.train_loader, self.progress, self.score_device, self._shard(),
-                         self.featurizer.to_device, self.score_options.fit_memory_mb)
+        ctx = self._fit_context()
         with self.featurizer.mode():
             pre = estimator.fit(source, ctx)
         if cache is not None and ctx.shard.rank == 0:
             cache.save(pre)
         return pre, "fitted"
+
+    def _fit_context(self) -> FitContext:
+        return FitContext(self.model, self.loss_fn, self.layers, self.compressors, self.compressor,
+                          self.train_loader, self.progress, self.score_device, self._shard(),
+                          self.featurizer.to_device, self.score_options.fit_memory_mb)
 
     def _say(self, msg: str) -> None:
         if self.progress:

@@ -66,8 +66,9 @@ def test_dead_coordinates_on_digits_border_pixels_give_finite_scores():
             break
     else:
         pytest.skip("no dead coordinate sampled")  # pragma: no cover
-    with pytest.warns(UserWarning, match="dropped"):
-        attr.featurize(loader(ds, 64))
+    attr.featurize(loader(ds, 64))
+    with pytest.warns(UserWarning, match="dropped"):    # in-memory rows are fitted on first use
+        attr.fit()
     # the only layer is dead: scoring refuses instead of returning a matrix of zeros
     from dropinf.errors import ConfigError
     with pytest.raises(ConfigError, match="every tracked layer was dropped"):

@@ -68,15 +68,20 @@ class GaussNewton:
                                       "by this (1 = the paper's rule; the default estimator uses 0.1)")
     name: str = "gauss-newton"
 
-    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
-        ctx = ctx_or_default(ctx)
-        n = train.n
+    def check(self, train, ctx: FitContext | None = None) -> None:
+        """The option errors ``fit`` would raise, without reading a row (Attributor fits in-memory
+        rows on first use and calls this at featurize time)."""
         if not self.head_damping > 0:
             raise ConfigError(f"head_damping must be > 0, got {self.head_damping}")
         if self.members < 1 or self.member_size < 0:
             raise ConfigError(f"members must be ≥ 1 and member_size ≥ 0, got {self.members} and {self.member_size}")
         if self.members > 1 and self.member_size:
             raise ConfigError("give members (K groups per layer) or member_size (groups of m coordinates), not both")
+
+    def fit(self, train, ctx: FitContext | None = None) -> Preconditioner:
+        ctx = ctx_or_default(ctx)
+        n = train.n
+        self.check(train, ctx)
         split = self.members > 1 or self.member_size > 0
         kern = kernel_layers(train, enabled=not split)   # members: each its own dense block
         # members: each layer's column groups (a layer narrower than K stays one block)
