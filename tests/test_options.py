@@ -6,6 +6,7 @@ from typing import Literal
 
 import pytest
 
+import dropinf
 from dropinf.cli import build_parser
 from dropinf.methods import COMPRESSORS, ESTIMATORS
 from dropinf.options import add_options, build, cli_fields, option
@@ -74,9 +75,9 @@ def test_cli_builds_the_same_objects_as_before():
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "exact"])) == ExactHessian()
     # no --estimator: the measured default (dropinf.default_setting()), with the flags given applied to it
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--damping", "0.3"])) == \
-        GaussNewton(damping=0.3, members=4, head_damping=0.1)
+        GaussNewton(damping=0.3, members=4, head_damping=0.03)
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--members", "1"])) == \
-        GaussNewton(head_damping=0.1)
+        GaussNewton(head_damping=0.03)
     assert _estimator(parse(["score", "m:f", "--store", "s", "--out", "x.npy", "--head-damping", "1"])) == \
         GaussNewton(members=4)
     # --member-size replaces the default's members (the mislabel estimator), unless --members is given too
@@ -85,7 +86,10 @@ def test_cli_builds_the_same_objects_as_before():
     assert _estimator(parse(["topk", "m:f", "--store", "s", "--estimator", "gauss-newton", "--damping", "0.3"])) == \
         GaussNewton(damping=0.3)
     assert _compressor(parse(["featurize", "m:f", "--store", "s", "--size", "32", "--rotate"])) == \
-        Dropout(r=32, rotate=True)
+        Dropout(r=32, rotate=True, head_factor=4)
+    # no compressor flags: the default setting's compressor; --head-factor 1 is the paper's uniform r
+    assert _compressor(parse(["featurize", "m:f", "--store", "s"])) == dropinf.default_setting()[0]
+    assert _compressor(parse(["featurize", "m:f", "--store", "s", "--head-factor", "1"])) == Dropout()
     assert _compressor(parse(["featurize", "m:f", "--store", "s", "--compressor", "logra", "--r-in", "4"])) == \
         LoGra(r_in=4)
 

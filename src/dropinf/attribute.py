@@ -1,7 +1,7 @@
 """The user's entry point: featurize the training data once, score any number of query sets.
 
-    attr = Attributor(model, loss_fn)          # dropinf.default_setting(): Dropout(r=2048),
-                                               # GaussNewton(members=4, head_damping=0.1)
+    attr = Attributor(model, loss_fn)          # dropinf.default_setting(): Dropout(r=2048, head_factor=4),
+                                               # GaussNewton(members=4, head_damping=0.03)
     attr.featurize(train_loader)
     scores = attr.score(query_loader)      # numpy float32, shape (n_query, n_train)
 
@@ -49,9 +49,9 @@ class Attributor(Analyses):
     model:      a trained torch.nn.Module (evaluated at its current parameters)
     loss_fn:    loss_fn(model, batch) -> per-example losses (B,); the batch is whatever the
                 DataLoader yields (tensors, tuples, dicts)
-    compressor: default Dropout() (r=2048 per layer); Identity() (Orig), Dropout(r, seed),
+    compressor: default Dropout(head_factor=4) (r=2048 per layer, 8192 on the output layer); Identity() (Orig), Dropout(r, seed),
                 Gaussian(r, seed), ...
-    estimator:  default: GaussNewton(members=4, head_damping=0.1) for Dropout (dropinf.default_setting(),
+    estimator:  default: GaussNewton(members=4, head_damping=0.03) for Dropout (dropinf.default_setting(),
                 measured),
                 GaussNewton() otherwise; dropinf.paper_setting() is the paper's Dropout(r=16) + rule
     track:      None → every nn.Linear; "all"; or module names / glob patterns / types

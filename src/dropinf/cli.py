@@ -11,8 +11,10 @@ SIGN = ("Scores are (n_query, n_train) arrays; I(q,i) = -g_q^T H^-1 g_i > 0 mean
 
 
 def _compressor(a):
-    from .methods import COMPRESSORS
+    from .methods import COMPRESSORS, default_setting
     from .options import build
+    if a.compressor == "dropout":        # the measured default (head_factor=4); flags given still apply to it
+        return build(COMPRESSORS["dropout"], a, base=default_setting(0)[0])
     return build(COMPRESSORS[a.compressor], a)
 
 
@@ -34,7 +36,7 @@ def _add_estimator(p):
                              "dataclasses)")
     g.add_argument("--estimator", choices=list(ESTIMATORS), default=None,
                    help="default: dropinf's measured default, gauss-newton with members=4, damping-rn=40 and "
-                        "head-damping=0.1 (see "
+                        "head-damping=0.03 (see "
                         "dropinf.default_setting()); gauss-newton: per-layer damped Gauss-Newton (paper eq. 3) with "
                         "the class's own options (members=1); datainf: "
                         "Sherman-Morrison average (eq. 9-10); lissa: truncated Neumann series (eq. 7-8); "

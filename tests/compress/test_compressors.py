@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropinf import Attributor, Dropout, Gaussian, Identity
+from dropinf import Attributor, ConfigError, Dropout, Gaussian, Identity
 from dropinf.capture.layers import LayerSpec
 from dropinf.compress.dropout import sample_indices
 from tests.helpers import ce_loss, loader, tiny_data, tiny_mlp
@@ -75,6 +75,25 @@ def test_r_dict_and_bad_r():
         _scores(Dropout(r={"0": 5}))
     with pytest.raises(ConfigError, match="positive int"):
         _scores(Dropout(r=0))
+
+
+def test_head_factor_keeps_more_of_the_output_layer_only():
+    """Dropout(head_factor=k): the model's output layer (the last Linear here) keeps k × r coordinates,
+    capped at its size, with the same rows as naming it in an r dict; other layers keep r; a dict that
+    names the head wins; the factor is in the signature (absent at 1, as before it existed)."""
+    model = tiny_mlp(hidden=40).double()                 # layers "0": 6·40+40 = 280, "2": 40·3+3 = 123
+    ds = loader(tiny_data())
+    feats = lambda comp: Attributor(model, ce_loss, compressor=comp, progress=False).compute_features(ds)
+    f = feats(Dropout(r=16, seed=1, head_factor=4))
+    assert f.signature["output_layer"] == "2" and {n: f.layer_r(n) for n in f.layer_names()} == {"0": 16, "2": 64}
+    same = feats(Dropout(r={"*": 16, "2": 64}, seed=1))
+    for n in ("0", "2"):
+        torch.testing.assert_close(f.data[n], same.data[n], rtol=0, atol=0)
+    assert feats(Dropout(r=16, head_factor=100)).layer_r("2") == 123
+    assert feats(Dropout(r={"*": 16, "2": 8}, head_factor=4)).layer_r("2") == 8
+    assert Dropout(head_factor=4).signature()["head_factor"] == 4 and "head_factor" not in Dropout().signature()
+    with pytest.raises(ConfigError, match="head_factor"):
+        Dropout(head_factor=0)
 
 
 def test_gaussian_keeps_its_projection_between_batches_without_changing_numbers():

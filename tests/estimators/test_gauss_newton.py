@@ -168,9 +168,10 @@ def test_head_damping_scales_only_the_output_layer():
         GN(head_damping=0.0).fit(named)
 
 
-def test_the_default_damps_the_tracked_head_a_tenth_of_the_rule(tmp_path):
+def test_the_default_damps_the_tracked_head_less_than_the_rule(tmp_path):
     """Attributor(model, loss_fn): the model's last Linear is named output_layer in the features (memory
-    and store alike) and gets 0.1 × the rule's λ, every other layer the rule."""
+    and store alike) and gets DEFAULT_HEAD_DAMPING (0.03) × the rule's λ, every other layer the rule."""
+    from dropinf.methods import DEFAULT_HEAD_DAMPING
     from dropinf.store.writer import StoreOptions
     model, train = tiny_mlp(d_in=6, hidden=40), loader(tiny_data(n=64))
     for store in (None, StoreOptions(tmp_path / "s", chunk_size=24)):
@@ -180,4 +181,4 @@ def test_the_default_damps_the_tracked_head_a_tenth_of_the_rule(tmp_path):
         got = {b.layers[0]: b.member_damping[b.layers[0]] for b in attr.fitted().preconditioner.blocks}
         rule = {b.layers[0]: b.member_damping[b.layers[0]] for b in GN(members=4).fit(src).blocks}
         assert got["0"] == pytest.approx(rule["0"])
-        assert got["2"] == pytest.approx({k: 0.1 * v for k, v in rule["2"].items()})
+        assert got["2"] == pytest.approx({k: DEFAULT_HEAD_DAMPING * v for k, v in rule["2"].items()})

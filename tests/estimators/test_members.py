@@ -71,22 +71,23 @@ def test_one_member_is_plain_gauss_newton_and_misuse_is_refused():
 
 
 def test_default_estimator_is_the_four_member_ensemble_and_narrow_layers_stay_whole():
-    """Attributor(model, loss_fn) fits dropinf.default_setting(): Dropout(r=2048) split into four members;
+    """Attributor(model, loss_fn) fits dropinf.default_setting(): Dropout(r=2048, head_factor=4) split into
+    four members;
     a layer with fewer kept coordinates than members is one block that every member shares, so the
     members' mean is still the ensemble's score."""
     import dropinf
     from dropinf.store.features import Features
     comp, est = dropinf.default_setting()
-    assert comp == Dropout() and comp.r == 2048 and est.members == 4 and est.damping_rn == 40
+    assert comp == Dropout(head_factor=4) and comp.r == 2048 and est.members == 4 and est.damping_rn == 40
     # one default estimator whatever the mask seed: the Python front door (which sees the compressor)
     # and the command line (which does not) fit a store the same way
-    assert dropinf.default_setting(3) == (Dropout(seed=3), est)
+    assert dropinf.default_setting(3) == (Dropout(seed=3, head_factor=4), est)
     assert Attributor(torch.nn.Linear(2, 2), lambda m, b: m(b).sum(1), compressor=Dropout(seed=3),
                       progress=False).estimator == est
     paper = dropinf.paper_setting()
     assert paper[0].r == 16 and paper[1].damping_rn == 0 and paper[1].members == 1
     mis = dropinf.mislabel_setting(2)
-    assert mis == (Dropout(seed=2), GaussNewton(member_size=8)) and mis[0].r == comp.r
+    assert mis == (Dropout(seed=2, head_factor=4), GaussNewton(member_size=8)) and mis[0].r == comp.r
     t, train, query = _task()
     attr = Attributor(t["model"], t["loss_fn"], progress=False)
     assert attr.estimator == est

@@ -95,6 +95,9 @@ class Compressor(Protocol):
 
     kind: str
 
-    def build(self, layer: LayerSpec) -> LayerCompressor: ...
+    def build(self, layer: LayerSpec, output: bool = False) -> LayerCompressor:
+        """The layer's compressor; ``output``: the layer is the model's output layer
+        (capture.layers.output_layer), which Dropout(head_factor=...) keeps more of."""
+        ...
 
     def signature(self) -> dict: ...

@@ -50,6 +50,8 @@ class DropoutLayer(LayerCompressorBase):
 
 #: r per layer of the default Dropout() (dropinf.default_setting()); capped at each layer's size
 DEFAULT_R = 2048
+#: the default setting's head_factor: the model's output layer keeps 4 × r (README, "The default")
+DEFAULT_HEAD_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class Dropout:
     rotate: rotate each layer's gradient by a seeded randomized Hadamard transform before
            sampling (compress.rotated): inner products are unchanged by the rotation, and the
            sampled coordinates carry an even share of every gradient's energy. Still fused.
+    head_factor: the model's output layer (its head — ``fc``, ``classifier``, ``lm_head`` — when
+           tracked; capture.layers.output_layer) keeps head_factor × r coordinates, capped at its
+           size, unless r is a dict naming it. 1 (the class default) = the same r everywhere, the
+           paper's method; the default setting (dropinf.default_setting) uses 4, measured.
     """
 
     r: RSpec = option(DEFAULT_R, "r: coordinates kept (dropout, default 2048) or projection size (gaussian, default 64) "
@@ -77,28 +83,37 @@ class Dropout:
     sampler: int = SAMPLER
     rotate: bool = option(False, "rotate each layer's gradient by a seeded randomized Hadamard transform before "
                                  "sampling (inner products unchanged; energy spread evenly over the kept coordinates)")
+    head_factor: int = option(1, "the model's output layer (its head, when tracked) keeps head_factor x r "
+                                 "coordinates, capped at its size (1 = the same r as every layer, the paper; the "
+                                 "default setting and the command line's default use 4)")
     kind: str = field(default="dropout", init=False)
 
     def __post_init__(self):
         check_seed("Dropout", self.seed)
         if not isinstance(self.rotate, bool):
             raise ConfigError(f"Dropout rotate must be True or False, got {self.rotate!r}")
+        if isinstance(self.head_factor, bool) or not isinstance(self.head_factor, int) or self.head_factor < 1:
+            raise ConfigError(f"Dropout head_factor must be an int ≥ 1, got {self.head_factor!r}")
         if self.sampler != SAMPLER:
             raise ConfigError(f"these features were drawn with index sampler version {self.sampler}; this dropinf "
                               f"draws version {SAMPLER}, so its index sets differ. Rebuild the store.")
 
-    def build(self, layer: LayerSpec):
+    def build(self, layer: LayerSpec, output: bool = False):
         r = resolve_r(self.r, layer)
+        if r > layer.dim and self.r != DEFAULT_R and not self.rotate:   # the default is documented as capped
+            warnings.warn(f"Dropout r={r} exceeds d={layer.dim} of layer {layer.name!r}; keeping "
+                          f"all {layer.dim} coordinates.", stacklevel=3)
+        if output and not (isinstance(self.r, dict) and layer.name in self.r):
+            r = min(r * self.head_factor, max(r, layer.dim))      # the head's extra share stops at its size
         if self.rotate:
             from .rotated import RotatedDropoutLayer
             return RotatedDropoutLayer(layer, r, self.seed, self.scale)
-        if r > layer.dim and self.r != DEFAULT_R:       # the default is documented as capped per layer
-            warnings.warn(f"Dropout r={r} exceeds d={layer.dim} of layer {layer.name!r}; keeping "
-                          f"all {layer.dim} coordinates.", stacklevel=3)
         return DropoutLayer(layer, r, self.seed, self.scale)
 
     def signature(self) -> dict:
         sig = {"kind": self.kind, "r": self.r, "seed": self.seed, "scale": self.scale, "sampler": self.sampler}
         if self.rotate:      # absent when False, so stores written before rotation existed still open
             sig["rotate"] = True
+        if self.head_factor != 1:     # likewise (compress.from_signature reads its absence as 1)
+            sig["head_factor"] = self.head_factor
         return sig

@@ -140,7 +140,7 @@ class Gaussian:
         if self.generator not in ("cpu", "hash"):
             raise ConfigError(f"Gaussian generator must be 'cpu' or 'hash', got {self.generator!r}")
 
-    def build(self, layer: LayerSpec) -> GaussianLayer:
+    def build(self, layer: LayerSpec, output: bool = False) -> GaussianLayer:
         return GaussianLayer(layer, resolve_r(self.r, layer), self.seed, self.block, self.cache_mb, self.generator)
 
     def signature(self) -> dict:

@@ -24,7 +24,7 @@ class Identity:
 
     kind = "identity"
 
-    def build(self, layer: LayerSpec) -> _IdentityLayer:
+    def build(self, layer: LayerSpec, output: bool = False) -> _IdentityLayer:
         return _IdentityLayer(layer.dim)
 
     def signature(self) -> dict:

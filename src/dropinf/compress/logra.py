@@ -90,7 +90,7 @@ class LoGra:
     def __post_init__(self):
         check_seed("LoGra", self.seed)
 
-    def build(self, layer: LayerSpec) -> LoGraLayer:
+    def build(self, layer: LayerSpec, output: bool = False) -> LoGraLayer:
         if layer.kind != "fused":
             raise IncompatibleMethodError(
                 f"LoGra needs a Kronecker-structured gradient; layer {layer.name!r} is handled by the "

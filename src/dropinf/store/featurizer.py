@@ -31,6 +31,7 @@ from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from ..capture.layers import LayerSpec, TrackSpec, output_layer, select_layers
 from ..capture.tokens import TokenCapture
 from ..compress import Dropout
+from ..compress.dropout import DEFAULT_HEAD_FACTOR
 from ..errors import ConfigError, EmptyDataError, LossShapeError
 from .features import Features, check_signatures
 from .ids import check_unique, indexed_loader
@@ -107,7 +108,8 @@ def model_fingerprint(model: nn.Module, layers: list[LayerSpec]) -> str:
 
 
 class Featurizer:
-    """model, loss_fn, compressor (default ``Dropout()``), track, options → rows.
+    """model, loss_fn, compressor (default: the default setting's ``Dropout(head_factor=4)``), track,
+    options → rows.
 
     loss_fn(model, batch) -> per-example losses (B,); ``measure=`` replaces it for one pass (query
     measurements, dropinf.measures)."""
@@ -119,7 +121,7 @@ class Featurizer:
         if not callable(loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(model, batch) -> per-example losses (B,)")
         self.model, self.loss_fn = model, loss_fn
-        self.compressor = compressor if compressor is not None else Dropout()
+        self.compressor = compressor if compressor is not None else Dropout(head_factor=DEFAULT_HEAD_FACTOR)
         self.options = options or CaptureOptions()
         self.progress = progress
         self.layers = select_layers(model, track, fused=self.options.fused)
@@ -130,7 +132,8 @@ class Featurizer:
             warnings.warn(f"{len(slow)} tracked module(s) of type {kinds} have no fused hook and use torch.func "
                           f"per-example gradients (same compressor, slower): {slow[:4]}{' ...' if len(slow) > 4 else ''}",
                           stacklevel=3)
-        self.compressors = {l.name: self.compressor.build(l) for l in self.layers}
+        self.output_layer = output_layer(model, self.layers)
+        self.compressors = {l.name: self.compressor.build(l, output=l.name == self.output_layer) for l in self.layers}
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +150,7 @@ class Featurizer:
                 "layers": [l.describe() for l in self.layers],
                 "r": {l.name: self.compressors[l.name].r for l in self.layers},
                 "compressor": self.compressor.signature(),
-                "output_layer": output_layer(self.model, self.layers)}
+                "output_layer": self.output_layer}
 
     def damping_dims(self) -> dict[str, int]:
         """D_l of each layer for the damping rule: r_l for coordinate sampling, d_l for projections."""
