@@ -20,9 +20,9 @@ grid factors (DAMPING_GRID × the rule):
 Methods: the default (`dropinf.default_setting()`), and at the harness's larger budget r: Dropout
 (one mask), Dropout+rot+budget (energy layer budget on rotated coordinates), Gaussian and LoGra
 (each with GaussNewton at the paper's rule × the grid factor, as `reproduce lds` scores them); and
-at the default's own bytes (r=2048 per layer) one plain or rotated mask scored with the default's
-damping (damping_rn=40, head_damping=0.1) × the grid factor ("Dropout 2048 head",
-"Dropout+rot 2048 head": the default without its members).
+at the default's own bytes (r=2048 per layer, 4 × 2048 on the output layer) one plain or rotated
+mask scored with the default's damping (damping_rn=40, head_damping=0.03) × the grid factor
+("Dropout 2048 head", "Dropout+rot 2048 head": the default without its members).
 
 Run: python benchmarks/lds_noise.py [--tasks cnn,lm,mlp] [--methods ...] (run `dropinf reproduce lds`
 first: it writes the ground truth this reads). No timing is taken; torch keeps its default thread
@@ -47,8 +47,9 @@ def estimator(method: str, factor: float):
     """GaussNewton at ``factor`` × the paper's λ (the harness's rows), or for the "2048 head" rows
     (one mask at the default's bytes) the default's own damping (damping_rn=40, head 0.1) × factor."""
     from dropinf.estimators import GaussNewton
+    from dropinf.methods import DEFAULT_HEAD_DAMPING
     if method.endswith("2048 head"):
-        return GaussNewton(damping_factor=0.1 * factor, damping_rn=40, head_damping=0.1)
+        return GaussNewton(damping_factor=0.1 * factor, damping_rn=40, head_damping=DEFAULT_HEAD_DAMPING)
     return GaussNewton(damping_factor=0.1 * factor, damping_rn=0)
 
 
@@ -74,8 +75,8 @@ def compressors(task: str, model, train_dl, seed: int, r: int) -> dict:
                                                  seed=seed, rotate=True),
            "Gaussian": lambda: Gaussian(r=per_layer, seed=seed),
            "LoGra": lambda: LoGra(*_logra(r), seed=seed),
-           "Dropout 2048 head": lambda: Dropout(r=2048, seed=seed),
-           "Dropout+rot 2048 head": lambda: Dropout(r=2048, seed=seed, rotate=True)}
+           "Dropout 2048 head": lambda: Dropout(r=2048, seed=seed, head_factor=4),
+           "Dropout+rot 2048 head": lambda: Dropout(r=2048, seed=seed, rotate=True, head_factor=4)}
     return out
 
 

@@ -289,7 +289,8 @@ def run(preset: str = "fast", out: str = "reports/lds", progress: bool = True):
                f"truth (an upper bound; 'oracle factor' is blank where the chosen λ was best). Mean ± std over mask seeds {list(s.mask_seeds)}. Ensembles: {s.members} disjoint "
                "masks splitting the same rotated coordinates (equal bytes), GaussNewton at the rule. 'dropinf default' "
                "is what Attributor(model, loss_fn) uses with no compressor or estimator (dropinf.default_setting(): "
-               "Dropout r=2048 per layer in four members of 512, GaussNewton with damping_rn=40 and head_damping=0.1); its 'λ rule' column is its own damping and "
+               "Dropout r=2048 per layer and 4 x 2048 on the output layer, in four members, GaussNewton with damping_rn=40 "
+               "and head_damping=0.03); its 'λ rule' column is its own damping and "
                "its oracle the best grid factor times it.")
     all_rows = []
     for task in s.tasks:

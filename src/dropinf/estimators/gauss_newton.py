@@ -51,7 +51,7 @@ class GaussNewton:
     head_damping: h multiplies the rule's λ of the model's output layer (the classifier or LM head,
              when tracked: the features' signature names it, capture.layers.output_layer) by h. 1 (the
              field's default) is the paper's rule; the default estimator (dropinf.default_setting)
-             uses 0.03 (with Dropout(head_factor=4)), measured on the LDS tasks (benchmarks/head_r.py,
+             uses 0.03 (with Dropout(head_factor=4)), measured on the LDS tasks (benchmarks/defaults.py,
              benchmarks/layer_damping.py): the rule, relative to
              the layer's mean eigenvalue, over-damps the head, whose few large eigenvalues hold the
              classes (README, "The default and how it was chosen")."""
