@@ -49,8 +49,8 @@ class Attributor(Analyses):
     model:      a trained torch.nn.Module (evaluated at its current parameters)
     loss_fn:    loss_fn(model, batch) -> per-example losses (B,); the batch is whatever the
                 DataLoader yields (tensors, tuples, dicts)
-    compressor: default Dropout(head_factor=4) (r=2048 per layer, 8192 on the output layer); Identity() (Orig), Dropout(r, seed),
-                Gaussian(r, seed), ...
+    compressor: default Dropout(head_factor=4) (r=2048 per layer, 8192 on the output layer);
+                Identity() (Orig), Dropout(r, seed), Gaussian(r, seed), ...
     estimator:  default: GaussNewton(members=4, head_damping=0.03) for Dropout (dropinf.default_setting(),
                 measured),
                 GaussNewton() otherwise; dropinf.paper_setting() is the paper's Dropout(r=16) + rule

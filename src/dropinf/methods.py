@@ -58,7 +58,7 @@ def mislabel_estimator(compressor=None):
 
 def mislabel_setting(seed: int = 0):
     """(compressor, estimator) measured best for finding mislabeled training examples by their
-    influence on a clean validation loss: the default's ``Dropout(r=2048, seed)`` with
+    influence on a clean validation loss: the default's ``Dropout(r=2048, seed, head_factor=4)`` with
     ``mislabel_estimator`` (groups of 8 coordinates) — what ``Attributor.mislabeled`` uses on the
     default's rows, so one capture serves both jobs. It ranks pairs badly for attribution (LDS):
     use it for mislabel detection only."""
