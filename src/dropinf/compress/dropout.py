@@ -71,7 +71,7 @@ class Dropout:
            sampled coordinates carry an even share of every gradient's energy. Still fused.
     head_factor: the model's output layer (its head — ``fc``, ``classifier``, ``lm_head`` — when
            tracked; capture.layers.output_layer) keeps head_factor × r coordinates, capped at its
-           size, unless r is a dict naming it. 1 (the class default) = the same r everywhere, the
+           size, unless r is a dict with the layer's exact name as a key. 1 (the class default) = the same r everywhere, the
            paper's method; the default setting (dropinf.default_setting) uses 4, measured.
     """
 

@@ -58,6 +58,10 @@ class Estimator(Protocol):
         """Fit on a RowSource; return the preconditioner M (one representation for all)."""
         ...
 
+    # Optional: ``check(train, ctx)`` raises fit's option errors without reading a row. An
+    # estimator that has it (GaussNewton) is fitted on first use when the rows are in memory
+    # (Attributor.featurize / use_features); the others are fitted at once.
+
 
 def require_kind(estimator: str, compressor: Any, allowed: set[str]) -> None:
     kind = getattr(compressor, "kind", type(compressor).__name__)
