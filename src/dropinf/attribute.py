@@ -204,11 +204,13 @@ class Attributor(Analyses):
         """Fit on ``source`` (streamed; on ``score_options.device`` or the model's device; split
         across torchrun ranks) and make it the fitted state. With a store, a preconditioner saved
         there for the same estimator options is loaded instead, and a new fit is saved.
-        lazy=True and an estimator with ``check(train, ctx)`` (GaussNewton): check its options now
-        (their errors stay here) and fit on first use of ``state.preconditioner``."""
+        lazy=True and an estimator with ``check(train, ctx)`` (GaussNewton), in one process: check
+        its options now (their errors stay here) and fit on first use of ``state.preconditioner``.
+        Under torchrun the fit is collective, so every rank fits here, at the same call."""
         estimator = self.estimator
-        if lazy and hasattr(estimator, "check"):     # estimators that re-run the model fit at once
-            estimator.check(source, self._fit_context())
+        ctx = self._fit_context()
+        if lazy and hasattr(estimator, "check") and ctx.shard.world == 1:
+            estimator.check(source, ctx)
             self.state = Fitted(source, None, "pending", pending=lambda: self._fit_estimator(source, estimator))
             return None
         pre, status = self._fit_estimator(source, estimator)
