@@ -61,6 +61,18 @@ def test_every_compressor_option_is_on_the_command_line():
             assert flag in text, (name, f.name)
 
 
+def test_help_shows_the_command_lines_own_default_where_it_is_not_the_class_default():
+    """--help says what an unset flag gives on the command line (which starts from
+    dropinf.default_setting()), not the dataclass default."""
+    from dropinf.compress.dropout import DEFAULT_HEAD_FACTOR
+    from dropinf.methods import DEFAULT_HEAD_DAMPING, DEFAULT_MEMBERS
+    squash = lambda t: " ".join(t.split())
+    assert f"(default: {DEFAULT_HEAD_FACTOR}, the measured default; Dropout() in Python: 1)" in squash(_help("featurize"))
+    text = squash(_help("score"))
+    assert f"(default: {DEFAULT_MEMBERS} without --estimator, 1 with --estimator gauss-newton)" in text
+    assert f"(default: {DEFAULT_HEAD_DAMPING} without --estimator, 1 with --estimator gauss-newton)" in text
+
+
 def test_one_spelling_per_method():
     assert all(cls().name == key for key, cls in ESTIMATORS.items())
     assert all(cls().kind == key for key, cls in COMPRESSORS.items())

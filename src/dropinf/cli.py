@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import add_options
     cg = fz.add_argument_group("compressor (every option below comes from the compressor dataclasses)")
     cg.add_argument("--compressor", choices=list(COMPRESSORS), default="dropout",
-                    help="dropout: r random coordinates per layer (the paper's method; default, r=2048); gaussian: dense "
+                    help="dropout: r random coordinates per layer (the paper's method; default: r=2048, and 4 x r on the "
+                         "model's output layer: --head-factor 4); gaussian: dense "
                          "random projection to r dims; logra: Kronecker projection r_in x r_out; identity: no "
                          "compression (the paper's Orig)")
     add_options(cg, COMPRESSORS)

@@ -23,9 +23,11 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
-def option(default: Any, help: str, flag: str | tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with a default, help text and (optionally) its flag spelling(s)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+def option(default: Any, help: str, flag: str | tuple[str, ...] | None = None, cli_default: str | None = None) -> Any:
+    """A dataclass field with a default, help text and (optionally) its flag spelling(s); ``cli_default``:
+    what ``--help`` shows as the default when the command line starts from another instance than the
+    class default (dropinf.default_setting())."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "cli_default": cli_default})
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:
@@ -76,6 +78,8 @@ def add_options(group, family: dict[str, type]) -> None:
         default = None      # unset flags keep the instance's own value (build: the class default or ``base``)
         who = "" if len(e["methods"]) == len(family) else f"{', '.join(e['methods'])}: "
         shown = f" (default: {f.default})" if same and f.default is not None and kind != "bool" else ""
+        if f.metadata.get("cli_default"):
+            shown = f" (default: {f.metadata['cli_default']})"
         help_text = f"{who}{f.metadata['help']}{shown}".replace("%", "%%")
         dest = f.name
         dests.add(dest)

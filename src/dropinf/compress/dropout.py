@@ -84,8 +84,8 @@ class Dropout:
     rotate: bool = option(False, "rotate each layer's gradient by a seeded randomized Hadamard transform before "
                                  "sampling (inner products unchanged; energy spread evenly over the kept coordinates)")
     head_factor: int = option(1, "the model's output layer (its head, when tracked) keeps head_factor x r "
-                                 "coordinates, capped at its size (1 = the same r as every layer, the paper; the "
-                                 "default setting and the command line's default use 4)")
+                                 "coordinates, capped at its size (1 = the same r as every layer, the paper)",
+                              cli_default="4, the measured default; Dropout() in Python: 1")
     kind: str = field(default="dropout", init=False)
 
     def __post_init__(self):

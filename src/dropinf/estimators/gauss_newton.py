@@ -59,14 +59,16 @@ class GaussNewton:
     damping_factor: float = option(0.1, "lambda_l = factor x mean squared compressed entry of layer l (paper App. D.1)")
     damping: float | dict | None = option(None, "a fixed lambda for every layer instead of the rule (0 = undamped; exact: its damping, default 0)")
     members: int = option(1, "K > 1: a mask ensemble in one fit: each layer's r kept coordinates split into K disjoint "
-                             "random groups, each its own H and lambda; scores are the members' mean")
+                             "random groups, each its own H and lambda; scores are the members' mean",
+                          cli_default="4 without --estimator, 1 with --estimator gauss-newton")
     member_seed: int = option(0, "seeds the split of each layer's coordinates into members")
     member_size: int = option(0, "m > 0: split each layer into groups of about m coordinates instead (ceil(r_l/m) "
                                  "members; 8 = the mislabel setting); excludes members")
     damping_rn: float = option(40.0, "scale the rule's lambda_l by max(1, damping_rn x r_l / n): more damping as r_l "
                                      "nears n (0 = the paper's rule; the default 40 was measured best; README)")
     head_damping: float = option(1.0, "multiply the rule's lambda of the model's output layer (the head, when tracked) "
-                                      "by this (1 = the paper's rule; the default estimator uses 0.03)")
+                                      "by this (1 = the paper's rule)",
+                                 cli_default="0.03 without --estimator, 1 with --estimator gauss-newton")
     name: str = "gauss-newton"
 
     def check(self, train, ctx: FitContext | None = None) -> None:
