@@ -45,11 +45,13 @@ METHODS = ("Dropout", "Dropout+rot+budget", "Gaussian", "LoGra", "Dropout 2048 h
 
 def estimator(method: str, factor: float):
     """GaussNewton at ``factor`` × the paper's λ (the harness's rows), or for the "2048 head" rows
-    (one mask at the default's bytes) the default's own damping (damping_rn=40, head 0.1) × factor."""
+    (one mask at the default's bytes) the default estimator's own damping × factor, one member."""
+    import dataclasses
+    from dropinf import default_setting
     from dropinf.estimators import GaussNewton
-    from dropinf.methods import DEFAULT_HEAD_DAMPING
     if method.endswith("2048 head"):
-        return GaussNewton(damping_factor=0.1 * factor, damping_rn=40, head_damping=DEFAULT_HEAD_DAMPING)
+        est = default_setting()[1]
+        return dataclasses.replace(est, members=1, damping_factor=est.damping_factor * factor)
     return GaussNewton(damping_factor=0.1 * factor, damping_rn=0)
 
 
@@ -65,7 +67,8 @@ def lds_of(pred: np.ndarray, truth: np.ndarray, rows=slice(None)) -> float:
 
 
 def compressors(task: str, model, train_dl, seed: int, r: int) -> dict:
-    from dropinf import Dropout, Gaussian, LoGra, split_budget
+    import dataclasses
+    from dropinf import Dropout, Gaussian, LoGra, default_setting, split_budget
     from dropinf_experiments.lds import T, _features, _logra, _track
     probe = _features(model, task, Dropout(r=r, seed=seed), [next(iter(train_dl))], [next(iter(train_dl))])[0]
     per_layer = {n: c.r for n, c in probe.compressors.items()}
@@ -75,8 +78,8 @@ def compressors(task: str, model, train_dl, seed: int, r: int) -> dict:
                                                  seed=seed, rotate=True),
            "Gaussian": lambda: Gaussian(r=per_layer, seed=seed),
            "LoGra": lambda: LoGra(*_logra(r), seed=seed),
-           "Dropout 2048 head": lambda: Dropout(r=2048, seed=seed, head_factor=4),
-           "Dropout+rot 2048 head": lambda: Dropout(r=2048, seed=seed, rotate=True, head_factor=4)}
+           "Dropout 2048 head": lambda: default_setting(seed)[0],
+           "Dropout+rot 2048 head": lambda: dataclasses.replace(default_setting(seed)[0], rotate=True)}
     return out
 
 

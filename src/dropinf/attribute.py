@@ -208,9 +208,8 @@ class Attributor(Analyses):
         its options now (their errors stay here) and fit on first use of ``state.preconditioner``.
         Under torchrun the fit is collective, so every rank fits here, at the same call."""
         estimator = self.estimator
-        ctx = self._fit_context()
-        if lazy and hasattr(estimator, "check") and ctx.shard.world == 1:
-            estimator.check(source, ctx)
+        if lazy and hasattr(estimator, "check") and self._shard().world == 1:
+            estimator.check(source, self._fit_context())
             self.state = Fitted(source, None, "pending", pending=lambda: self._fit_estimator(source, estimator))
             return None
         pre, status = self._fit_estimator(source, estimator)

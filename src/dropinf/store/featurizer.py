@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
 from ..capture.layers import LayerSpec, TrackSpec, output_layer, select_layers
 from ..capture.tokens import TokenCapture
-from ..compress import Dropout
-from ..compress.dropout import DEFAULT_HEAD_FACTOR
 from ..errors import ConfigError, EmptyDataError, LossShapeError
+from ..methods import default_setting
 from .features import Features, check_signatures
 from .ids import check_unique, indexed_loader
 
@@ -108,8 +107,8 @@ def model_fingerprint(model: nn.Module, layers: list[LayerSpec]) -> str:
 
 
 class Featurizer:
-    """model, loss_fn, compressor (default: the default setting's ``Dropout(head_factor=4)``), track,
-    options → rows.
+    """model, loss_fn, compressor (default: dropinf.default_setting()'s ``Dropout(head_factor=4)``),
+    track, options → rows.
 
     loss_fn(model, batch) -> per-example losses (B,); ``measure=`` replaces it for one pass (query
     measurements, dropinf.measures)."""
@@ -121,7 +120,7 @@ class Featurizer:
         if not callable(loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(model, batch) -> per-example losses (B,)")
         self.model, self.loss_fn = model, loss_fn
-        self.compressor = compressor if compressor is not None else Dropout(head_factor=DEFAULT_HEAD_FACTOR)
+        self.compressor = compressor if compressor is not None else default_setting()[0]
         self.options = options or CaptureOptions()
         self.progress = progress
         self.layers = select_layers(model, track, fused=self.options.fused)
