@@ -4,9 +4,10 @@ in its own process (its own peak memory).
 
   plain   loss.sum().backward() on every batch (what training does; grads of every trainable
           parameter), nothing else
-  fused   dropinf's capture (BatchCapture, what featurize runs per batch): the same forward +
-          backward with the compressing hooks, returning (B, r) per tracked layer; the rows are
-          dropped as a store would write them out. Both sides run one warm-up batch first, outside
+  fused   dropinf's capture as featurize into a store runs it per batch (store.writer): the
+          same forward + a backward with the compressing hooks, which write every tracked layer's
+          (B, r) rows into the writer's reused (batch, width) buffer (BatchRows); the rows are then
+          handed on as they would be to the file. Both sides run one warm-up batch first, outside
           the per-batch time; on the fused side that is where the self-check runs (the rows of three
           examples against their own gradients, capture.check), timed on its own: "checked 1st
           batch" is its time over one regular fused batch (the first batch also pays one-off
@@ -93,6 +94,8 @@ def build(name: str):
 def child(name: str, variant: str, device: str) -> dict:
     import torch
     from dropinf import CaptureOptions, Dropout, Featurizer
+    from dropinf.store.disk import LayerCols
+    from dropinf.store.writer import BatchRows
 
     torch.manual_seed(0)
     model, loss_fn, loader, track = build(name)
@@ -125,20 +128,26 @@ def child(name: str, variant: str, device: str) -> dict:
         out["blocks"] = len(attr.layers)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the store's per-batch path (store.writer): rows written by the hooks into one reused
+            # (batch, width) buffer, laid out as the store's rows, then handed to the writer
+            layers, off = [], 0
+            for l in attr.layers:
+                layers.append(LayerCols(l.name, attr.compressors[l.name].r, off, 0))
+                off += layers[-1].r
+            stage = BatchRows(layers, loader.batch_size, torch.device(device))
             t0 = time.perf_counter()
-            capture(to(batches[0]))                        # warm-up and the first-batch self-check
+            capture(to(batches[0]), out=stage.views)       # warm-up and the first-batch self-check
             if cuda:
                 torch.cuda.synchronize()
             out["first_batch_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for i, b in enumerate(batches):     # each batch's (B, r) rows are produced, then released (as a
-                feats, _ = capture(to(b))           # store writes them out before the next batch)
-                if i < len(batches) - 1:
-                    del feats
+            for b in batches:
+                feats, _ = capture(to(b), out=stage.views)
+                block = stage.block(feats)          # (B, width) on the CPU, as the store's writer gets it
             if cuda:
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
-        assert all(bool(torch.isfinite(v).all()) for v in feats.values())
+        assert bool(torch.isfinite(block).all())
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb()
     out.update(seconds=secs, per_batch_s=secs / len(batches), peak_mb=peak,
                extra_mb=peak - (base_gpu if cuda else base_rss), batches=len(batches))

@@ -26,11 +26,11 @@ def _featurize(t, path, collate=None, stop_after=None, seen=None):
     loader = torch.utils.data.DataLoader(t["train"], batch_size=16, collate_fn=collate)
     real, calls = Featurizer.rows, []
 
-    def rows(self, capture, batch, ids, first=0):
+    def rows(self, capture, batch, ids, first=0, out=None):
         calls.append(ids.clone())
         if stop_after is not None and len(calls) > stop_after:
             raise KeyboardInterrupt
-        return real(self, capture, batch, ids, first)
+        return real(self, capture, batch, ids, first, out)
     mp = pytest.MonkeyPatch()
     mp.setattr(Featurizer, "rows", rows)
     try:

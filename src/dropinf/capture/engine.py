@@ -42,7 +42,7 @@ from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError,
 from .check import (LOW, Failure, cause, check_blocks, example_grads, func_refusal, rows_to_check,
                     sliced_references)
 from .functional import LossFn, PerExampleGrads, flatten_block, per_example_values
-from .hooks import FusedHooks, Round
+from .hooks import FusedHooks, Round, row_buffer
 from .layers import LayerSpec
 
 _MAX_ROUNDS = 16     # forward+backward rounds for one batch while layouts and routes settle
@@ -102,7 +102,7 @@ class BatchCapture:
     def _losses(self, batch) -> torch.Tensor:
         return per_example_values(self.loss_fn(self.model, batch), self.what)
 
-    def _run(self, batch, check: bool):
+    def _run(self, batch, check: bool, out: dict | None = None):
         """Forward + backward with the compressing hooks. With ``check``, also the checked examples' own
         gradients (check.sliced_references, or the batch's graph) and the batch gradient of every fused
         block. Returns (round, losses,
@@ -113,7 +113,7 @@ class BatchCapture:
         blocks = self.fused + self.func
         lean = self._lean_allowed(check)
         with self.hooks.attached(self.hooked) as rnd, torch.enable_grad():
-            rnd.leaves, rnd.lean = ({} if lean else None), lean
+            rnd.leaves, rnd.lean, rnd.out = ({} if lean else None), lean, out
             losses = self._losses(batch)
             rnd.B = losses.shape[0]
             check = check and losses.requires_grad
@@ -200,7 +200,7 @@ class BatchCapture:
             raise _Retry()
         return grads
 
-    def _assemble(self, rnd: Round, losses: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+    def _assemble(self, rnd: Round, losses: torch.Tensor, batch, out: dict | None) -> dict[str, torch.Tensor]:
         B = losses.shape[0]
         feats: dict[str, torch.Tensor] = {}
         for block in self.fused:
@@ -229,16 +229,35 @@ class BatchCapture:
                         f"for a batch of {B} losses: it slices the batch's tensors along dim 0, so every tensor of "
                         f"the batch must be batch-first. Yield batch-first tensors (transpose inside the model).")
                 feats[spec.name] = self.compressors[spec.name].from_flat(rows)
-        return {l.name: feats[l.name].detach().float() for l in self.layers}
+        rows = {}
+        for l in self.layers:
+            v = feats[l.name].detach().float()
+            dst = None if out is None or l.name not in out else row_buffer(out, l.name, B, v)
+            if dst is not None and not (v.data_ptr() == dst.data_ptr() and v.stride() == dst.stride()):
+                v = dst.copy_(v)            # not written there by the hooks (torch.func, several uses, ...)
+            rows[l.name] = v
+        return rows
 
     # ------------------------------------------------------------------ the entry
-    def __call__(self, batch: Any, check: bool | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Returns ({block name: (B, r_l) float32}, per-example losses (B,))."""
+    def __call__(self, batch: Any, check: bool | None = None, out: dict | None = None) \
+            -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns ({block name: (B, r_l) float32}, per-example losses (B,)).
+
+        out: {block name: float32 tensor (≥ B, r_l)}, the caller's row buffers (a store's batch
+        buffer, the rows of an in-memory array): the batch's rows are written to their first B rows
+        — by the hooks themselves where the compressor can (Dropout), so they are not allocated
+        and copied again — and the returned rows are those views. A buffer with fewer than B rows
+        or on another device is not used."""
+        for name, buf in (out or {}).items():
+            r = self.compressors[name].r if name in self.compressors else None
+            if r is None or buf.dim() != 2 or buf.shape[1] != r or buf.dtype != torch.float32:
+                raise ConfigError(f"out[{name!r}] must be a float32 (rows, {r}) buffer of a tracked block, got "
+                                  f"{tuple(buf.shape)} {buf.dtype}")
         due = check if check is not None else (self.check == "always" or
                                                (self.check == "first" and not self._checked))
         for _ in range(_MAX_ROUNDS):
             try:
-                rnd, losses, want_sum, want_rows = self._run(batch, due)
+                rnd, losses, want_sum, want_rows = self._run(batch, due, out)
             except _Retry:
                 continue
             if rnd.reroute:                      # calls the fused math cannot read: torch.func, redo
@@ -248,7 +267,7 @@ class BatchCapture:
             if rnd.layouts and not due and self.check != "never":
                 due = True                       # a layout read anew is verified before it is used
                 continue
-            feats = self._assemble(rnd, losses, batch)
+            feats = self._assemble(rnd, losses, batch, out)
             if due and want_rows:
                 failures = check_blocks(self.fused, self.func, feats, want_sum, want_rows,
                                         self._low_dtype(rnd) is not None)

@@ -59,6 +59,18 @@ class Round:
     low: set = field(default_factory=set)          # reduced-precision dtypes the hooked calls ran in
     leaves: dict | None = None                     # device -> leaf tapped by hooked outputs (None: off)
     lean: bool = False                             # this round's backward was the capture-only one
+    out: dict | None = None                        # block -> the caller's (≥B, r) float32 row buffer
+
+
+def row_buffer(out: dict | None, block: str, B: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The first B rows of the caller's buffer for ``block`` (capture's ``out=``), when it can take
+    this batch's rows as computed: enough rows, on the same device, and the rows computed in float32
+    (a reduced-precision forward's rows are computed in its dtype, then converted)."""
+    buf = None if out is None else out.get(block)
+    if buf is None or buf.shape[0] < B or buf.device != like.device or like.dtype != torch.float32 \
+            or buf.dtype != torch.float32:
+        return None
+    return buf[:B]
 
 
 class _Tap(torch.autograd.Function):
@@ -164,8 +176,10 @@ class FusedHooks:
         d3 = prepare_delta(use, g, B)
         if a.shape[0] != B or d3.shape[0] != B:
             raise NoBatchDim(f"its input (shape {list(x.shape)}) could not be read as {B} examples")
-        val = comp.from_uses([Use(use, a, d3 if use.kind == "embedding" else d3.to(a.dtype))])
-        rnd.acc[block.name] = val if block.name not in rnd.acc else rnd.acc[block.name] + val
+        d3 = d3 if use.kind == "embedding" else d3.to(a.dtype)
+        first = block.name not in rnd.acc
+        val = comp.from_uses([Use(use, a, d3)], out=row_buffer(rnd.out, block.name, B, d3) if first else None)
+        rnd.acc[block.name] = val if first else rnd.acc[block.name] + val
         rnd.fired.add(use.module)
 
     @contextlib.contextmanager

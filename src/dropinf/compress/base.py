@@ -4,10 +4,12 @@ A ``Compressor`` (user-facing options) builds one ``LayerCompressor`` per tracke
 compressor takes either
 
 * ``from_flat(g)``: per-example flat gradients ``g`` of shape (B, d_l) (torch.func fallback), or
-* ``from_uses(uses)``: the fused hook's captures — one ``capture.modules.Use`` per module call
-  touching the block, each holding the saved input and output-gradient.
+* ``from_uses(uses, out=None)``: the fused hook's captures — one ``capture.modules.Use`` per
+  module call touching the block, each holding the saved input and output-gradient; ``out``, a
+  (B, r_l) view of the caller's row buffer, may receive the rows (Dropout writes them there, so a
+  batch's rows are not allocated and copied again; others ignore it).
 
-and returns (B, r_l). The base class implements ``from_uses`` by forming the full per-example
+and returns (B, r_l) — ``out`` itself when it wrote there; callers read the returned tensor. The base class implements ``from_uses`` by forming the full per-example
 gradient (``Use.full``) and calling ``from_flat``; compressors that can do better override it
 (Dropout gathers its r entries, LoGra projects first) so the full gradient is never formed.
 """
@@ -71,7 +73,7 @@ class LayerCompressorBase:
     def from_flat(self, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def from_uses(self, uses: list) -> torch.Tensor:
+    def from_uses(self, uses: list, out: torch.Tensor | None = None) -> torch.Tensor:
         g = uses[0].full(self.dim)
         for u in uses[1:]:
             g = g + u.full(self.dim)
@@ -85,7 +87,7 @@ class LayerCompressor(Protocol):
 
     def from_flat(self, g: torch.Tensor) -> torch.Tensor: ...
 
-    def from_uses(self, uses: list) -> torch.Tensor: ...
+    def from_uses(self, uses: list, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @runtime_checkable

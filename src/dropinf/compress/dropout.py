@@ -39,13 +39,15 @@ class DropoutLayer(LayerCompressorBase):
         out = g[:, self._indices_on(g.device)]
         return out * self.factor if self.factor != 1.0 else out
 
-    def from_uses(self, uses: list) -> torch.Tensor:
+    def from_uses(self, uses: list, out: torch.Tensor | None = None) -> torch.Tensor:
         dev = uses[0].d.device
         maps = self._maps.setdefault(dev, {})
-        out = uses[0].gather(self.indices, maps)
-        for u in uses[1:]:
-            out = out + u.gather(self.indices, maps)
-        return out * self.factor if self.factor != 1.0 else out
+        val = uses[0].gather(self.indices, maps, out)
+        for u in uses[1:]:         # in place when the rows go to the caller's buffer (the same numbers)
+            val = val.add_(u.gather(self.indices, maps)) if out is not None else val + u.gather(self.indices, maps)
+        if self.factor != 1.0:
+            val = val.mul_(self.factor) if out is not None else val * self.factor
+        return val
 
 
 #: r per layer of the default Dropout() (dropinf.default_setting()); capped at each layer's size

@@ -55,7 +55,7 @@ class LoGraLayer(LayerCompressorBase):
             self._cache[key] = (self.p_in.to(device, dtype), self.p_out.to(device, dtype))
         return self._cache[key]
 
-    def from_uses(self, uses: list) -> torch.Tensor:
+    def from_uses(self, uses: list, out: torch.Tensor | None = None) -> torch.Tensor:
         p_in, p_out = self._mats(uses[0].d.device, uses[0].d.dtype)
         out = uses[0].kron(p_in, p_out)
         for u in uses[1:]:

@@ -206,7 +206,7 @@ class RotatedDropoutLayer(LayerCompressorBase):
         out = self.rotate_flat(g)[:, self.indices.to(g.device)]
         return out * self.factor if self.factor != 1.0 else out
 
-    def from_uses(self, uses: list) -> torch.Tensor:
+    def from_uses(self, uses: list, out: torch.Tensor | None = None) -> torch.Tensor:
         if not self.kron:
             return super().from_uses(uses)
         (u,) = uses
@@ -225,5 +225,7 @@ class RotatedDropoutLayer(LayerCompressorBase):
         else:
             a, d = side_in(u.a), side_out(u.d)
         maps = self._maps.setdefault(u.d.device, {})
-        out = Use(self.vspec, a, d).gather(self.indices, maps)
-        return out * self.factor if self.factor != 1.0 else out
+        val = Use(self.vspec, a, d).gather(self.indices, maps, out)
+        if self.factor != 1.0:
+            val = val.mul_(self.factor) if out is not None else val * self.factor
+        return val

@@ -175,10 +175,11 @@ class Featurizer:
         return BatchCapture(self.model, measure or self.loss_fn, self.layers, self.compressors,
                             check=self.options.check, what="measure" if measure is not None else "loss_fn")
 
-    def rows(self, capture: BatchCapture, batch, ids: torch.Tensor | None, first: int = 0):
+    def rows(self, capture: BatchCapture, batch, ids: torch.Tensor | None, first: int = 0, out: dict | None = None):
         """One batch: (ids, {layer: (B, r)}, losses (B,), ids whose rows hold NaN/inf, those layers).
-        ids=None numbers the batch's examples from ``first``."""
-        feats, loss = capture(self.to_device(batch))
+        ids=None numbers the batch's examples from ``first``; out: row buffers the rows are written
+        to (BatchCapture's ``out``)."""
+        feats, loss = capture(self.to_device(batch), out=out)
         b = loss.shape[0]
         if ids is None:
             ids = torch.arange(first, first + b)
@@ -188,10 +189,12 @@ class Featurizer:
         bad, lays = nonfinite(feats, 0)
         return ids, feats, loss, (ids[bad].tolist() if bad else []), lays
 
-    def batches(self, loader: Iterable, measure: LossFn | None = None, desc: str = "features") \
+    def batches(self, loader: Iterable, measure: LossFn | None = None, desc: str = "features",
+                out: Callable[[int], dict | None] | None = None) \
             -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
         """(dataset ids, {layer: (B, r_l)}, losses (B,)) for every batch, with a progress bar. Raises
-        NonFiniteGradientError (naming every bad id) after the last batch, EmptyDataError if none."""
+        NonFiniteGradientError (naming every bad id) after the last batch, EmptyDataError if none.
+        out(n): row buffers for the batch after the first n examples (BatchCapture's ``out``)."""
         capture = self.capture(measure)
         total = getattr(getattr(loader, "dataset", None), "__len__", lambda: None)()
         indexed = indexed_loader(loader)
@@ -201,7 +204,7 @@ class Featurizer:
                 ids, batch = item if indexed is not None else (None, item)
                 if batch is None:          # the collate function dropped every example of this batch
                     continue
-                ids, feats, loss, bad, lays = self.rows(capture, batch, ids, n)
+                ids, feats, loss, bad, lays = self.rows(capture, batch, ids, n, out(n) if out is not None else None)
                 bad_ids += bad
                 bad_layers.update(lays)
                 yield ids, feats, loss
@@ -218,12 +221,16 @@ class Featurizer:
         out = {l.name: torch.empty(total, self.compressors[l.name].r) for l in self.layers} if total else None
         parts: dict[str, list[torch.Tensor]] = {l.name: [] for l in self.layers}
         losses, id_parts, n, filled = [], [], 0, 0
-        for ids, feats, loss in self.batches(loader, measure, desc):
+        # the hooks write each batch's rows straight into the array (no per-batch copy), on its device
+        direct = out is not None and self.device.type == "cpu"
+        into = (lambda at: None if any(parts.values()) else {k: v[at:] for k, v in out.items()}) if direct else None
+        for ids, feats, loss in self.batches(loader, measure, desc, into):
             b = loss.shape[0]
             fits = out is not None and n + b <= total and not any(parts.values())
             for k, v in feats.items():
                 if fits:
-                    out[k][n:n + b] = v
+                    if v.data_ptr() != out[k][n:n + b].data_ptr():
+                        out[k][n:n + b] = v
                 else:
                     parts[k].append(v.cpu())
             filled += b if fits else 0

@@ -100,6 +100,7 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
     # lock file claimed atomically), and a process waits for chunks another live one is writing
     pending = [k for k in range(rank, store.n_chunks, world) if not store.chunk_done(k, verify=True)]
     capture = f.capture()
+    stage = BatchRows(layers, loader.batch_size, f.device)
     total = sum(store.rows(k)[1] - store.rows(k)[0] for k in pending)
     desc = "featurize → store" + (f" [rank {rank}/{world}]" if world > 1 else "")
     with f.mode(), tqdm(total=total, desc=desc, unit="ex", disable=not f.progress) as bar:
@@ -111,7 +112,7 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
                 if not store.chunk_done(k) and store.claim(k):
                     try:
                         if not store.chunk_done(k, verify=True):
-                            shown = _compute_chunk(f, capture, store, layers, loader, k, bar)
+                            shown = _compute_chunk(f, capture, store, layers, loader, k, bar, stage)
                     finally:
                         store.release(k)
                 if store.chunk_done(k):
@@ -127,7 +128,28 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
     return FeatureStore.open(path)
 
 
-def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int, bar) -> int:
+class BatchRows:
+    """One batch's rows as the store lays them out, (batch_size, width) float32 on the capture's
+    device, reused for every batch: the capture writes each layer's rows straight into its columns
+    (BatchCapture's ``out``), so a batch's rows are neither allocated anew (fresh memory faults
+    on first touch) nor concatenated."""
+
+    def __init__(self, layers: list[LayerCols], batch_size: int, device: torch.device):
+        width = sum(l.r for l in layers)
+        self.layers, self.buf = layers, torch.empty(batch_size, width, device=device)
+        self.views = {l.name: self.buf[:, l.offset:l.offset + l.r] for l in layers}
+
+    def block(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, width) rows on the CPU: the buffer's first B rows when the capture wrote every layer
+        there, else the layers concatenated."""
+        b = next(iter(feats.values())).shape[0] if feats else 0
+        if feats and all(feats[l.name].data_ptr() == self.views[l.name][:b].data_ptr() for l in self.layers):
+            return self.buf[:b].cpu()
+        return torch.cat([feats[l.name].cpu() for l in self.layers], 1)
+
+
+def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loader, k: int, bar,
+                   stage: BatchRows) -> int:
     """Chunk k, batch by batch into its file (memory: one batch), from where a previous run stopped
     inside it (store.chunk); returns the dataset positions it showed on the bar."""
     start, stop = store.rows(k)
@@ -140,10 +162,10 @@ def _compute_chunk(f, capture, store: FeatureStore, layers: list[LayerCols], loa
             if batch is None:          # the collate function dropped every example of this batch
                 out.advance(position)
             else:
-                ids, feats, loss, bad, lays = f.rows(capture, batch, ids)
+                ids, feats, loss, bad, lays = f.rows(capture, batch, ids, out=stage.views)
                 raise_nonfinite(bad, lays)
                 # rows a collate function dropped are absent; the chunk records which ids it holds
-                out.append(torch.cat([feats[l.name].cpu() for l in layers], 1), ids, position)
+                out.append(stage.block(feats), ids, position)
             bar.update(position - start - shown)
             shown = position - start
         out.finish()
