@@ -20,6 +20,10 @@ A block passes when ‖got − want‖ ≤ tol · ‖want‖ for each compared v
 forward ran in bfloat16/float16, e.g. under autocast). What happens to a block that fails is the
 engine's business (capture.engine): a fused block is read with another layout or moved to the
 torch.func path; a torch.func block is refused with a CaptureCheckError naming the cause.
+
+Every batch's rows are also checked for NaN/inf (``nonfinite``; one host sync when all are
+finite), and the pass ends with a NonFiniteGradientError naming every bad example
+(``raise_nonfinite``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import NonFiniteGradientError
 from .functional import densify, flatten_block, slice_batch
 from .layers import LayerSpec
 
@@ -214,3 +219,27 @@ def func_refusal(f: Failure, module_type: str, low_dtype: str | None) -> str:
     if low_dtype:
         msg += f" The forward ran in {low_dtype}: a larger rounding error than the tolerance is possible too."
     return msg + " Refusing rather than returning wrong scores."
+
+
+def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
+    """(example ids, layer names) whose features hold NaN/inf — one host sync when all are finite."""
+    if not feats:
+        return [], []
+    flags = torch.stack([torch.isfinite(f).all() for f in feats.values()])
+    if bool(flags.all()):
+        return [], []
+    bad_rows, bad_layers = None, []
+    for name, f in feats.items():
+        ok = torch.isfinite(f).all(dim=1)
+        if not bool(ok.all()):
+            bad_layers.append(name)
+            bad_rows = ~ok if bad_rows is None else (bad_rows | ~ok)
+    return (torch.nonzero(bad_rows).flatten().cpu() + first_id).tolist(), bad_layers
+
+
+def raise_nonfinite(ids: list[int], bad_layers: list[str]) -> None:
+    if ids:
+        raise NonFiniteGradientError(
+            f"NaN/inf in the gradients of example ids {ids[:20]}{' ...' if len(ids) > 20 else ''} "
+            f"(dataset indices), layers {bad_layers[:5]}. Check those "
+            f"examples' inputs/labels and that the loss is finite there (e.g. log(0)).")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError, NonFiniteGradientError
+from ..errors import CaptureCheckError, CaptureError, ConfigError, DropinfError
 from .check import (LOW, Failure, cause, check_blocks, example_grads, func_refusal, rows_to_check,
                     sliced_references)
 from .functional import LossFn, PerExampleGrads, flatten_block, per_example_values
@@ -329,27 +329,3 @@ def _backward_failed(exc: RuntimeError) -> CaptureError:
 class _Retry(Exception):
     """Internal: run the batch again (now with .backward() under re-entrant checkpointing, or with the
     examples' own gradients taken from the batch's graph)."""
-
-
-def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
-    """(example ids, layer names) whose features hold NaN/inf — one host sync when all are finite."""
-    if not feats:
-        return [], []
-    flags = torch.stack([torch.isfinite(f).all() for f in feats.values()])
-    if bool(flags.all()):
-        return [], []
-    bad_rows, bad_layers = None, []
-    for name, f in feats.items():
-        ok = torch.isfinite(f).all(dim=1)
-        if not bool(ok.all()):
-            bad_layers.append(name)
-            bad_rows = ~ok if bad_rows is None else (bad_rows | ~ok)
-    return (torch.nonzero(bad_rows).flatten().cpu() + first_id).tolist(), bad_layers
-
-
-def raise_nonfinite(ids: list[int], bad_layers: list[str]) -> None:
-    if ids:
-        raise NonFiniteGradientError(
-            f"NaN/inf in the gradients of example ids {ids[:20]}{' ...' if len(ids) > 20 else ''} "
-            f"(dataset indices), layers {bad_layers[:5]}. Check those "
-            f"examples' inputs/labels and that the loss is finite there (e.g. log(0)).")

@@ -15,40 +15,19 @@ Native layouts (row-major): Linear W (d_out, d_in); HF Conv1D W (d_in, d_out); C
 
 from __future__ import annotations
 
-import math
 import sys
-import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .conv import Patches
+from .kernels import chunked_dot, columns, into_, scratch, whole_cheaper
 
 _CHUNK_ELEMS = 1 << 18  # cap on B*T*r elements gathered at once: 1 MB fp32 temporaries stay in cache
-_POOL_ELEMS = 1 << 22   # scratch tensors reused up to this many elements per slot (16 MB fp32)
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
-_WHOLE_BMM = 256        # ... over every row × column when that is ≤ this × the distinct ones it would gather
 _CONV_CHUNK = 1 << 20   # the same cap for a convolution's entry-by-entry gather (Use._conv_entries), whose
                         # reads of the padded input are spread out: 4 MB chunks measured ~10 % faster
-
-
-_pool = threading.local()
-
-
-def _scratch(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A reused contiguous CPU tensor of ``shape`` for a gather's transient copy (two slots per
-    thread; the hooks run one at a time). A fresh CPU allocation of a megabyte or more is mapped
-    anew and page-faults on first touch, which costs more than the gather that fills it; on other
-    devices (a caching allocator), and above _POOL_ELEMS, a fresh tensor."""
-    n = math.prod(shape)
-    if like.device.type != "cpu" or n > _POOL_ELEMS:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    pool = _pool.__dict__.setdefault("bufs", {})
-    buf = pool.get((slot, like.dtype))
-    if buf is None or buf.numel() < n:
-        buf = pool[(slot, like.dtype)] = torch.empty(n, dtype=like.dtype)
-    return buf[:n].view(shape)
 
 
 def _conv1d_type():
@@ -127,7 +106,7 @@ class Use:
         w_pos, rows_o, cols_k, bias_pos, bias_o, plan = maps[key]
         B, n_w, n_b = self.d.shape[0], w_pos.numel(), bias_pos.numel()
         if plan["prefix"] and not n_b:          # sorted indices, no bias entry: the weight entries are the row
-            return _into(self._weight_entries(rows_o, cols_k, plan, maps, into), into)
+            return into_(self._weight_entries(rows_o, cols_k, plan, maps, into), into)
         # sorted indices: the weight entries first, then the bias entries, written in place (no cat)
         if into is not None:
             out = into if plan["prefix"] else into.zero_()
@@ -137,7 +116,7 @@ class Use:
         if n_w:
             if plan["prefix"]:
                 head = out[:, :n_w]
-                _into(self._weight_entries(rows_o, cols_k, plan, maps, head), head)
+                into_(self._weight_entries(rows_o, cols_k, plan, maps, head), head)
             else:
                 out.index_copy_(1, w_pos, self._weight_entries(rows_o, cols_k, plan, maps))
         if n_b:             # index_select, not d[:, :, bias_o]: Python's advanced indexing costs more
@@ -184,10 +163,12 @@ class Use:
                 hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
                 parts.append((hit * d[:, :, oo]).sum(1))
             return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
-        if T == 1:          # one position (an MLP): the product written straight to ``into``; torch.gather
-            # with the index broadcast over the batch measured 1.5-2× faster than index_select along dim 1
-            return torch.mul(torch.gather(d[:, 0], 1, o.expand(B, -1), out=_scratch(0, (B, o.numel()), d)),
-                             torch.gather(a[:, 0], 1, k.expand(B, -1), out=_scratch(1, (B, k.numel()), a)), out=into)
+        if T == 1:          # one position (an MLP): δ's side gathered straight into ``into``, times a's side
+            # (one scratch tensor)
+            side = columns(a[:, 0], k, scratch(1, (B, k.numel()), a))
+            if into is None:
+                return torch.mul(columns(d[:, 0], o, scratch(0, (B, o.numel()), d)), side)
+            return columns(d[:, 0], o, into).mul_(side)
         # channel-first (B, C, T) when that is the contiguous layout (conv: unfolded patches and
         # δ are stored that way), so that gathering channels copies whole rows
         d_cf, a_cf = d.transpose(1, 2), a.transpose(1, 2)
@@ -197,7 +178,7 @@ class Use:
             pick = lambda x, dim, u: x if u.numel() == x.shape[dim] else x.index_select(dim, u)
             if cf:
                 sub = torch.bmm(pick(d_cf, 1, plan["uo"]), pick(a_cf, 1, plan["uk"]).transpose(1, 2))
-            elif _whole_cheaper(d.shape[2], a.shape[2], plan):
+            elif whole_cheaper(d.shape[2], a.shape[2], plan):
                 # picking δ's and a's columns copies them one number at a time (a strided gather); for
                 # a small weight (a LoRA matrix) every per-example entry costs less: 3-5x faster measured
                 sub = torch.bmm(d.transpose(1, 2), a)
@@ -207,13 +188,13 @@ class Use:
             return sub.reshape(B, -1).index_select(1, plan["flat"])
         out = into if into is not None else torch.empty(B, o.numel(), device=d.device, dtype=d.dtype)
         if cf:                               # (B, step, T) each side, summed over T
-            return _chunked_dot(d_cf, o, lambda s0, s1, buf: torch.index_select(a_cf, 1, k[s0:s1], out=buf),
+            return chunked_dot(d_cf, o, lambda s0, s1, buf: torch.index_select(a_cf, 1, k[s0:s1], out=buf),
                                 a, _CHUNK_ELEMS, out)
         step = max(1, _CHUNK_ELEMS // max(1, B * T))
         for s0 in range(0, o.numel(), step):     # (B, T, step) each side, summed over T
             oo, kk = o[s0:s0 + step], k[s0:s0 + step]
-            dd = torch.index_select(d, 2, oo, out=_scratch(0, (B, T, oo.numel()), d))
-            out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=_scratch(1, dd.shape, a))).sum(1)
+            dd = torch.index_select(d, 2, oo, out=scratch(0, (B, T, oo.numel()), d))
+            out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=scratch(1, dd.shape, a))).sum(1)
         return out
 
     def _conv_entries(self, o: torch.Tensor, k: torch.Tensor, maps: dict, into: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +205,7 @@ class Use:
         from that, measured on ResNet-18's 3×3 layers one at a time)."""
         d = self.d
         out = into if into is not None else torch.empty(d.shape[0], o.numel(), device=d.device, dtype=d.dtype)
-        return _chunked_dot(d.transpose(1, 2), o, lambda s0, s1, buf: self._a.entry_columns(k, s0, s1, maps, buf),
+        return chunked_dot(d.transpose(1, 2), o, lambda s0, s1, buf: self._a.entry_columns(k, s0, s1, maps, buf),
                             d, _CONV_CHUNK, out)
 
     def full(self, dim: int) -> torch.Tensor:
@@ -267,37 +248,6 @@ class Use:
         if s.kind in ("linear", "conv2d"):                      # rows = out, cols = in
             return torch.einsum("bto,bti->boi", pd, pa).reshape(B, -1)
         return torch.einsum("bti,bto->bio", pa, pd).reshape(B, -1)  # rows = in, cols = out
-
-
-def _whole_cheaper(n_out: int, n_in: int, plan: dict) -> bool:
-    """Whether the per-example product of all n_out × n_in entries costs less than gathering the
-    distinct kept columns of δ and a along their last dim (one strided copy per number): one
-    gathered number costs about _WHOLE_BMM multiply-adds (measured on LoRA and small Linear shapes,
-    2-core AVX-512: (8, 384) 42 vs 217 µs, (64, 1024) 580 vs 428 µs at 32 × 40 positions)."""
-    picked = sum(u.numel() for u, n in ((plan["uo"], n_out), (plan["uk"], n_in)) if u.numel() < n)
-    return n_out * n_in <= _WHOLE_BMM * picked
-
-
-def _into(value: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
-    """``value`` in ``into`` (copied unless a path already wrote it there), or value itself."""
-    if into is None or value is into:
-        return value
-    return into.copy_(value)
-
-
-def _chunked_dot(d_cf: torch.Tensor, o: torch.Tensor, a_rows, a_like: torch.Tensor, chunk: int,
-                 out: torch.Tensor) -> torch.Tensor:
-    """out[:, s] = Σ_t δ[:, o_s, t] · a_s[:, t] for channel-first δ (B, C_out, T), in chunks of
-    entries of about ``chunk`` numbers a side: ``a_rows(s0, s1, buf)`` writes the input side of
-    entries s0..s1-1, (B, s1 - s0, T), into the reused scratch ``buf`` (``a_like``'s dtype and
-    device) and returns it."""
-    B, T = d_cf.shape[0], d_cf.shape[2]
-    step = max(1, chunk // max(1, B * T))
-    for s0 in range(0, o.numel(), step):
-        s1 = min(o.numel(), s0 + step)
-        dd = torch.index_select(d_cf, 1, o[s0:s1], out=_scratch(0, (B, s1 - s0, T), d_cf))
-        out[:, s0:s1] = dd.mul_(a_rows(s0, s1, _scratch(1, dd.shape, a_like))).sum(-1)
-    return out
 
 
 def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture.engine import BatchCapture, nonfinite, raise_nonfinite
+from ..capture.check import nonfinite, raise_nonfinite
+from ..capture.engine import BatchCapture
 from ..capture.layers import LayerSpec, TrackSpec, output_layer, select_layers
 from ..capture.tokens import TokenCapture
 from ..errors import ConfigError, EmptyDataError, LossShapeError

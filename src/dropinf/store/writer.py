@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import SequentialSampler
 from tqdm.auto import tqdm
 
-from ..capture.engine import raise_nonfinite
+from ..capture.check import raise_nonfinite
 from ..dist import barrier as _barrier, dist_info
 from ..errors import ConfigError, EmptyDataError, StoreError
 from ..options import option

@@ -1,0 +1,96 @@
+"""The copy and product kernels of the fused math (capture.modules), each chosen by cost where
+torch has more than one way: reused scratch tensors (a fresh CPU megabyte page-faults on first
+touch), a column copy by gather or index_select, a whole per-example product against strided
+gathers, and chunked dot products over positions."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import torch
+
+_POOL_ELEMS = 1 << 22   # scratch tensors reused up to this many elements per slot (16 MB fp32)
+_WHOLE_BMM = 256        # whole per-example products when ≤ this × the distinct columns they would gather
+
+_pool = threading.local()
+
+
+def scratch(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A reused contiguous CPU tensor of ``shape`` for a gather's transient copy (two slots per
+    thread; the hooks run one at a time). A fresh CPU allocation of a megabyte or more is mapped
+    anew and page-faults on first touch, which costs more than the gather that fills it; on other
+    devices (a caching allocator), and above _POOL_ELEMS, a fresh tensor."""
+    n = math.prod(shape)
+    if like.device.type != "cpu" or n > _POOL_ELEMS:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool = _pool.__dict__.setdefault("bufs", {})
+    buf = pool.get((slot, like.dtype))
+    if buf is None or buf.numel() < n:
+        buf = pool[(slot, like.dtype)] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(shape)
+
+
+_COLUMN_WAY: dict = {}   # (device type, threads) -> "gather" or "index_select", into contiguous memory
+
+
+def columns(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = x[:, idx] for a 2-D x. Two kernels copy the same numbers (so the rows are the same
+    either way): torch.gather with the index broadcast over the rows, which runs on every thread,
+    and index_select along dim 1, which runs on one but 2-2.5× faster per thread. Which wins
+    depends on the machine and the thread count (1.5-2× either way measured on two 2-core CPUs),
+    so the first call per device type and thread count times both on its own numbers and keeps
+    the faster. Into a strided ``out`` (a column block of the caller's row buffer) index_select is
+    5× slower: gather."""
+    key = (x.device.type, torch.get_num_threads())
+    way = _COLUMN_WAY.get(key) if out.is_contiguous() else "gather"
+    if way is None:
+        if x.device.type != "cpu":
+            way = "gather"
+        else:
+            secs: dict[str, list] = {"gather": [], "index_select": []}
+            for w in ("gather", "index_select") * 3:
+                t0 = time.perf_counter()
+                _column_copy(x, idx, out, w)
+                secs[w].append(time.perf_counter() - t0)
+            way = "index_select" if min(secs["index_select"]) < min(secs["gather"]) else "gather"
+        _COLUMN_WAY[key] = way
+    return _column_copy(x, idx, out, way)
+
+
+def _column_copy(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, way: str) -> torch.Tensor:
+    if way == "gather":
+        return torch.gather(x, 1, idx.expand(x.shape[0], -1), out=out)
+    return torch.index_select(x, 1, idx, out=out)
+
+
+def whole_cheaper(n_out: int, n_in: int, plan: dict) -> bool:
+    """Whether the per-example product of all n_out × n_in entries costs less than gathering the
+    distinct kept columns of δ and a along their last dim (one strided copy per number): one
+    gathered number costs about _WHOLE_BMM multiply-adds (measured on LoRA and small Linear shapes,
+    2-core AVX-512: (8, 384) 42 vs 217 µs, (64, 1024) 580 vs 428 µs at 32 × 40 positions)."""
+    picked = sum(u.numel() for u, n in ((plan["uo"], n_out), (plan["uk"], n_in)) if u.numel() < n)
+    return n_out * n_in <= _WHOLE_BMM * picked
+
+
+def into_(value: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """``value`` in ``into`` (copied unless a path already wrote it there), or value itself."""
+    if into is None or value is into:
+        return value
+    return into.copy_(value)
+
+
+def chunked_dot(d_cf: torch.Tensor, o: torch.Tensor, a_rows, a_like: torch.Tensor, chunk: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out[:, s] = Σ_t δ[:, o_s, t] · a_s[:, t] for channel-first δ (B, C_out, T), in chunks of
+    entries of about ``chunk`` numbers a side: ``a_rows(s0, s1, buf)`` writes the input side of
+    entries s0..s1-1, (B, s1 - s0, T), into the reused scratch ``buf`` (``a_like``'s dtype and
+    device) and returns it."""
+    B, T = d_cf.shape[0], d_cf.shape[2]
+    step = max(1, chunk // max(1, B * T))
+    for s0 in range(0, o.numel(), step):
+        s1 = min(o.numel(), s0 + step)
+        dd = torch.index_select(d_cf, 1, o[s0:s1], out=scratch(0, (B, s1 - s0, T), d_cf))
+        out[:, s0:s1] = dd.mul_(a_rows(s0, s1, scratch(1, dd.shape, a_like))).sum(-1)
+    return out
