@@ -25,7 +25,7 @@ def test_whole_product_only_for_small_weights():
     plan = lambda uo, uk: {"uo": torch.arange(uo), "uk": torch.arange(uk)}
     assert kernels.whole_cheaper(8, 384, plan(8, 57))          # a LoRA A matrix: 57 columns of a to pick
     assert not kernels.whole_cheaper(64, 1024, plan(43, 64))   # 65,536 entries against 107 picked
-    assert kernels.whole_cheaper(768, 768, plan(768, 768))     # nothing to pick: the product either way
+    assert not kernels.whole_cheaper(768, 768, plan(768, 768))  # nothing to pick: the picking path is the product
 
 
 def test_scratch_is_reused_per_slot():
