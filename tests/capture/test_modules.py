@@ -224,3 +224,32 @@ def test_every_conv_path_row_by_row_in_one_model(monkeypatch):
     # the fused rows themselves are right: no layer was sent to the torch.func path by the self-check
     assert not [w for w in seen if "torch.func" in str(w.message)], [str(w.message)[:120] for w in seen]
     assert used["entries"] >= 2 and used["grads"] >= 1
+
+
+def test_a_head_kept_whole_is_its_outer_product_bit_for_bit(monkeypatch):
+    """A Linear whose every entry is kept (a small head under the default's head_factor) is written
+    as δ ⊗ a at once: the same numbers as gathering both sides, and as the loop's rows."""
+    import dropinf.capture.modules as modules
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    ce = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+    layers = select_layers(model, None)
+    batch = (torch.randn(6, 20), torch.randint(0, 4, (6,)))
+    comps = {l.name: Dropout(r=12, head_factor=8).build(l, output=l.name == "2") for l in layers}
+    assert comps["2"].r == comps["2"].dim == 68
+    calls = {"whole": 0}
+    real = modules._index_maps
+
+    def no_whole(*args):
+        maps = real(*args)
+        calls["whole"] += maps[5]["whole"]
+        maps[5]["whole"] = False
+        return maps
+
+    got, _ = BatchCapture(model, ce, layers, comps, check="always")(batch)
+    comps = {l.name: Dropout(r=12, head_factor=8).build(l, output=l.name == "2") for l in layers}
+    monkeypatch.setattr(modules, "_index_maps", no_whole)
+    gathered, _ = BatchCapture(model, ce, layers, comps, check="always")(batch)
+    assert calls["whole"] == 1 and torch.equal(got["2"], gathered["2"]) and torch.equal(got["0"], gathered["0"])
+    want = loop_grads(model.double(), lambda m, b: ce(m, (b[0].double(), b[1])), batch, ["2.weight", "2.bias"])
+    torch.testing.assert_close(got["2"].double(), want, rtol=1e-5, atol=1e-6)

@@ -163,6 +163,12 @@ class Use:
                 hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
                 parts.append((hit * d[:, :, oo]).sum(1))
             return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
+        if T == 1 and plan["whole"] and self.spec.kind == "linear":
+            # every entry kept, in native order (a small head under the default's head_factor): the
+            # outer product δ ⊗ a itself, the same products as gathering both sides, written once
+            rows = into.view(B, self.spec.rows, self.spec.cols) if into is not None else None
+            return torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=rows).view(B, -1) if rows is not None else \
+                torch.mul(d[:, 0, :, None], a[:, 0, None, :]).reshape(B, -1)
         if T == 1:          # one position (an MLP): δ's side gathered straight into ``into``, times a's side
             # (one scratch tensor)
             side = columns(a[:, 0], k, scratch(1, (B, k.numel()), a))
@@ -280,7 +286,9 @@ def _index_maps(s: UseSpec, idx: torch.Tensor, device) -> tuple:
     n_w, n_b = w_pos.numel(), bias_pos.numel()
     prefix = bool((w_pos == torch.arange(n_w, device=device)).all()) and \
         bool((bias_pos == torch.arange(n_w, n_w + n_b, device=device)).all()) and n_w + n_b == idx.numel()
-    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix, "k_pos": k_inv, "native": wi}
+    whole = n_w == nw and bool((wi == torch.arange(nw, device=device)).all())     # every entry, in order
+    plan = {"uo": uo, "uk": uk, "flat": o_inv * uk.numel() + k_inv, "prefix": prefix, "k_pos": k_inv, "native": wi,
+            "whole": whole}
     return w_pos, o, k, bias_pos, bias_o, plan
 
 
