@@ -32,3 +32,14 @@ def test_scratch_is_reused_per_slot():
     like = torch.empty(1)
     a, b = kernels.scratch(0, (4, 8), like), kernels.scratch(0, (2, 8), like)
     assert a.data_ptr() == b.data_ptr() and kernels.scratch(1, (4, 8), like).data_ptr() != a.data_ptr()
+
+
+def test_last_dim_is_index_select_along_dim_2():
+    g = torch.Generator().manual_seed(1)
+    x, idx = torch.randn(3, 5, 9, generator=g), torch.tensor([8, 0, 3, 3])
+    want = torch.index_select(x, 2, idx)
+    assert torch.equal(kernels.last_dim(x, idx), want)
+    out = torch.empty(3, 5, 4)
+    assert torch.equal(kernels.last_dim(x, idx, out), want) and torch.equal(out, want)
+    xt = x.transpose(0, 1)                                       # not contiguous: the 3-D path
+    assert torch.equal(kernels.last_dim(xt, idx), torch.index_select(xt, 2, idx))

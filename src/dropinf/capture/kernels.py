@@ -94,3 +94,16 @@ def chunked_dot(d_cf: torch.Tensor, o: torch.Tensor, a_rows, a_like: torch.Tenso
         dd = torch.index_select(d_cf, 1, o[s0:s1], out=scratch(0, (B, s1 - s0, T), d_cf))
         out[:, s0:s1] = dd.mul_(a_rows(s0, s1, scratch(1, dd.shape, a_like))).sum(-1)
     return out
+
+
+def last_dim(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x[..., idx] of a (B, T, C) tensor (into ``out`` when given, of the result's shape): torch's
+    index_select along dim 2 of a 3-D tensor takes a generic path 5× slower than along dim 1 of
+    the same numbers viewed as (B·T, C) (80 vs 15 µs for 4 × 128 × 576 → 64 on 2 threads), so a
+    contiguous x is read as that 2-D view; the same numbers either way."""
+    if not x.is_contiguous() or (out is not None and not out.is_contiguous()):
+        return torch.index_select(x, 2, idx, out=out) if out is not None else torch.index_select(x, 2, idx)
+    shape = (*x.shape[:-1], idx.numel())
+    flat = torch.index_select(x.view(-1, x.shape[-1]), 1, idx,
+                              out=out.view(-1, idx.numel()) if out is not None else None)
+    return flat.view(shape)

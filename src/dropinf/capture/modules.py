@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .conv import Patches
-from .kernels import chunked_dot, columns, into_, scratch, whole_cheaper
+from .kernels import chunked_dot, columns, into_, last_dim, scratch, whole_cheaper
 
 _CHUNK_ELEMS = 1 << 18  # cap on B*T*r elements gathered at once: 1 MB fp32 temporaries stay in cache
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
@@ -119,8 +119,8 @@ class Use:
                 into_(self._weight_entries(rows_o, cols_k, plan, maps, head), head)
             else:
                 out.index_copy_(1, w_pos, self._weight_entries(rows_o, cols_k, plan, maps))
-        if n_b:             # index_select, not d[:, :, bias_o]: Python's advanced indexing costs more
-            b = torch.index_select(self.d, 2, bias_o).sum(1)
+        if n_b:             # not d[:, :, bias_o]: Python's advanced indexing costs more
+            b = last_dim(self.d, bias_o).sum(1)
             if plan["prefix"]:
                 out[:, n_w:].copy_(b)
             else:
@@ -161,7 +161,7 @@ class Use:
             for s0 in range(0, o.numel(), step):
                 oo, kk = o[s0:s0 + step], k[s0:s0 + step]
                 hit = (a[:, :, None] == kk[None, None, :]).to(d.dtype)
-                parts.append((hit * d[:, :, oo]).sum(1))
+                parts.append((hit * last_dim(d, oo)).sum(1))
             return torch.cat(parts, 1) if len(parts) != 1 else parts[0]
         if T == 1 and plan["whole"] and self.spec.kind == "linear":
             # every entry kept, in native order (a small head under the default's head_factor): the
@@ -181,7 +181,8 @@ class Use:
         cf = d_cf.is_contiguous() and a_cf.is_contiguous()
         if plan["uo"].numel() * plan["uk"].numel() <= _BMM_RATIO * o.numel():
             # a side whose kept entries reach every row (column) is read as it is, not copied
-            pick = lambda x, dim, u: x if u.numel() == x.shape[dim] else x.index_select(dim, u)
+            pick = lambda x, dim, u: x if u.numel() == x.shape[dim] else \
+                (last_dim(x, u) if dim == 2 else x.index_select(dim, u))
             if cf:
                 sub = torch.bmm(pick(d_cf, 1, plan["uo"]), pick(a_cf, 1, plan["uk"]).transpose(1, 2))
             elif whole_cheaper(d.shape[2], a.shape[2], plan):
@@ -199,8 +200,8 @@ class Use:
         step = max(1, _CHUNK_ELEMS // max(1, B * T))
         for s0 in range(0, o.numel(), step):     # (B, T, step) each side, summed over T
             oo, kk = o[s0:s0 + step], k[s0:s0 + step]
-            dd = torch.index_select(d, 2, oo, out=scratch(0, (B, T, oo.numel()), d))
-            out[:, s0:s0 + oo.numel()] = dd.mul_(torch.index_select(a, 2, kk, out=scratch(1, dd.shape, a))).sum(1)
+            dd = last_dim(d, oo, scratch(0, (B, T, oo.numel()), d))
+            out[:, s0:s0 + oo.numel()] = dd.mul_(last_dim(a, kk, scratch(1, dd.shape, a))).sum(1)
         return out
 
     def _conv_entries(self, o: torch.Tensor, k: torch.Tensor, maps: dict, into: torch.Tensor | None) -> torch.Tensor:
