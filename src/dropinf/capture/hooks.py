@@ -176,7 +176,7 @@ class FusedHooks:
         d3 = prepare_delta(use, g, B)
         if a.shape[0] != B or d3.shape[0] != B:
             raise NoBatchDim(f"its input (shape {list(x.shape)}) could not be read as {B} examples")
-        d3 = d3 if use.kind == "embedding" else d3.to(a.dtype)
+        d3 = d3 if use.kind == "embedding" or d3.dtype == a.dtype else d3.to(a.dtype)
         first = block.name not in rnd.acc
         val = comp.from_uses([Use(use, a, d3)], out=row_buffer(rnd.out, block.name, B, d3) if first else None)
         rnd.acc[block.name] = val if first else rnd.acc[block.name] + val

@@ -188,8 +188,10 @@ class Use:
             elif whole_cheaper(d.shape[2], a.shape[2], plan):
                 # picking δ's and a's columns copies them one number at a time (a strided gather); for
                 # a small weight (a LoRA matrix) every per-example entry costs less: 3-5x faster measured
-                sub = torch.bmm(d.transpose(1, 2), a)
-                return sub.reshape(B, -1).index_select(1, o * a.shape[2] + k)
+                dense = plan.get("dense")
+                if dense is None:        # the kept entries' positions in the (out, in) product
+                    dense = plan["dense"] = o * a.shape[2] + k
+                return torch.bmm(d.transpose(1, 2), a).reshape(B, -1).index_select(1, dense)
             else:
                 sub = torch.bmm(pick(d, 2, plan["uo"]).transpose(1, 2), pick(a, 2, plan["uk"]))
             return sub.reshape(B, -1).index_select(1, plan["flat"])
