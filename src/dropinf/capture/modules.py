@@ -119,7 +119,9 @@ class Use:
                 into_(self._weight_entries(rows_o, cols_k, plan, maps, head), head)
             else:
                 out.index_copy_(1, w_pos, self._weight_entries(rows_o, cols_k, plan, maps))
-        if n_b:             # not d[:, :, bias_o]: Python's advanced indexing costs more
+        if n_b and plan["prefix"] and self.d.shape[1] == 1:     # one position: δ's entries themselves
+            columns(self.d[:, 0], bias_o, out[:, n_w:])
+        elif n_b:           # not d[:, :, bias_o]: Python's advanced indexing costs more
             b = last_dim(self.d, bias_o).sum(1)
             if plan["prefix"]:
                 out[:, n_w:].copy_(b)
