@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped without one; `bash run.sh gpu-check` runs this file): fused capture
-row by row against the loop in float32 and under bfloat16 autocast, the capture-only backward bit
-for bit, scorer and store equal to the CPU, and torchrun with nccl on one GPU."""
+row by row against the loop in float32 and under bfloat16 autocast, the capture-only backward and
+rows written into the caller's buffers bit for bit, scorer and store equal to the CPU, and torchrun with nccl on one GPU."""
 
 import os
 import subprocess
@@ -70,6 +70,17 @@ def test_capture_only_backward_is_bit_identical_on_cuda():
     batches = [(torch.randn(4, 3, 32, 32, generator=g).cuda(), torch.randint(0, 5, (4,), generator=g).cuda())
                for _ in range(3)]
     assert_lean_equals_full(model, _ce, batches, [nn.Conv2d, nn.Linear])
+
+
+def test_rows_written_into_buffers_on_cuda_are_bit_identical():
+    from dropinf_experiments.models.vision import ResNet18
+    from tests.capture.test_row_buffers import assert_buffers_equal_plain
+    torch.manual_seed(0)
+    model = ResNet18().cuda().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g).cuda(), torch.randint(0, 5, (4,), generator=g).cuda())
+               for _ in range(3)]
+    assert_buffers_equal_plain(model, _ce, batches, [nn.Conv2d, nn.Linear])
 
 
 def test_scorer_and_store_on_cuda_equal_the_cpu(tmp_path):

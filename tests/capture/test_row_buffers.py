@@ -31,7 +31,8 @@ def assert_buffers_equal_plain(model, loss, batches, track=None, compressor=None
     layers = select_layers(model, track)
     comps = {l.name: compressor.build(l) for l in layers}
     width = sum(c.r for c in comps.values())
-    buf = torch.full((max(_single(b)[1].shape[0] for b in batches) + spare, width), float("nan"))
+    device = next(model.parameters()).device
+    buf = torch.full((max(_single(b)[1].shape[0] for b in batches) + spare, width), float("nan"), device=device)
     views, off = {}, 0
     for l in layers:
         views[l.name] = buf[:, off:off + comps[l.name].r]
