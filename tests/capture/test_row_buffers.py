@@ -13,7 +13,7 @@ from torch import nn
 from dropinf import ConfigError, Dropout, Gaussian, Identity, LoGra
 from dropinf.capture.engine import BatchCapture
 from dropinf.capture.layers import select_layers
-from tests.capture.test_lean_backward import CASES, _batches
+from tests.capture.test_lean_backward import CASES
 from tests.capture.test_layouts import ce, feats
 
 

@@ -232,7 +232,7 @@ class BatchCapture:
         rows = {}
         for l in self.layers:
             v = feats[l.name].detach().float()
-            dst = None if out is None or l.name not in out else row_buffer(out, l.name, B, v)
+            dst = row_buffer(out, l.name, B, v)
             if dst is not None and not (v.data_ptr() == dst.data_ptr() and v.stride() == dst.stride()):
                 v = dst.copy_(v)            # not written there by the hooks (torch.func, several uses, ...)
             rows[l.name] = v

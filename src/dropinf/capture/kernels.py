@@ -39,10 +39,10 @@ def columns(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tens
     """``out`` = x[:, idx] for a 2-D x. Two kernels copy the same numbers (so the rows are the same
     either way): torch.gather with the index broadcast over the rows, which runs on every thread,
     and index_select along dim 1, which runs on one but 2-2.5× faster per thread. Which wins
-    depends on the machine and the thread count (1.5-2× either way measured on two 2-core CPUs),
-    so the first call per device type and thread count times both on its own numbers and keeps
-    the faster. Into a strided ``out`` (a column block of the caller's row buffer) index_select is
-    5× slower: gather."""
+    depends on the machine and the thread count (on two threads gather was 1.5-2× faster on one
+    2-core CPU, index_select 1.2× faster on another), so the first call per device type and
+    thread count times both on its own numbers and keeps the faster. Into a strided ``out`` (a
+    column block of the caller's row buffer) index_select is 5× slower: gather."""
     key = (x.device.type, torch.get_num_threads())
     way = _COLUMN_WAY.get(key) if out.is_contiguous() else "gather"
     if way is None:

@@ -168,7 +168,7 @@ class Use:
         if T == 1 and plan["whole"] and self.spec.kind == "linear":
             # every entry kept, in native order (a small head under the default's head_factor): the
             # outer product δ ⊗ a itself, the same products as gathering both sides, written once
-            rows = into.view(B, self.spec.rows, self.spec.cols) if into is not None else None
+            rows = into.view(B, self.spec.rows, self.spec.cols) if into is not None and into.stride(-1) == 1 else None
             return torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=rows).view(B, -1) if rows is not None else \
                 torch.mul(d[:, 0, :, None], a[:, 0, None, :]).reshape(B, -1)
         if T == 1:          # one position (an MLP): δ's side gathered straight into ``into``, times a's side

@@ -9,9 +9,10 @@ compressor takes either
   (B, r_l) view of the caller's row buffer, may receive the rows (Dropout writes them there, so a
   batch's rows are not allocated and copied again; others ignore it).
 
-and returns (B, r_l) — ``out`` itself when it wrote there; callers read the returned tensor. The base class implements ``from_uses`` by forming the full per-example
-gradient (``Use.full``) and calling ``from_flat``; compressors that can do better override it
-(Dropout gathers its r entries, LoGra projects first) so the full gradient is never formed.
+and returns (B, r_l) — ``out`` itself when it wrote there; callers read the returned tensor.
+The base class implements ``from_uses`` by forming the full per-example gradient (``Use.full``)
+and calling ``from_flat``; compressors that can do better override it (Dropout gathers its r
+entries, LoGra projects first) so the full gradient is never formed.
 """
 
 from __future__ import annotations
