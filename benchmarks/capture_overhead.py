@@ -4,10 +4,11 @@ in its own process (its own peak memory).
 
   plain   loss.sum().backward() on every batch (what training does; grads of every trainable
           parameter), nothing else
-  fused   dropinf's capture as featurize into a store runs it per batch (store.writer): the
-          same forward + a backward with the compressing hooks, which write every tracked layer's
-          (B, r) rows into the writer's reused (batch, width) buffer (BatchRows); the rows are then
-          handed on as they would be to the file. Both sides run one warm-up batch first, outside
+  fused   dropinf's capture as featurize into a store runs it per batch (store.writer,
+          Featurizer.rows): the same forward + a backward with the compressing hooks, which write
+          every tracked layer's (B, r) rows into the writer's reused (batch, width) buffer
+          (BatchRows), and the NaN/inf check of the rows; the rows are then handed on as they
+          would be to the file. Both sides run one warm-up batch first, outside
           the per-batch time; on the fused side that is where the self-check runs (the rows of three
           examples against their own gradients, capture.check), timed on its own: "checked 1st
           batch" is its time over one regular fused batch (the first batch also pays one-off
@@ -179,13 +180,14 @@ def child(name: str, variant: str, device: str) -> dict:
                 off += layers[-1].r
             stage = BatchRows(layers, loader.batch_size, torch.device(device))
             t0 = time.perf_counter()
-            capture(to(batches[0]), out=stage.views)       # warm-up and the first-batch self-check
+            attr.rows(capture, batches[0], None, out=stage.views)     # warm-up and the first-batch self-check
             if cuda:
                 torch.cuda.synchronize()
             out["first_batch_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for b in batches:
-                feats, _ = capture(to(b), out=stage.views)
+                # Featurizer.rows: featurize's own per-batch call (to the device, capture, NaN/inf check)
+                _, feats, _, _, _ = attr.rows(capture, b, None, out=stage.views)
                 block = stage.block(feats)          # (B, width) on the CPU, as the store's writer gets it
             if cuda:
                 torch.cuda.synchronize()
