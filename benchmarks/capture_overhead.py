@@ -124,8 +124,7 @@ def reset_peak() -> bool:
 def child(name: str, variant: str, device: str) -> dict:
     import torch
     from dropinf import CaptureOptions, Dropout, Featurizer
-    from dropinf.store.disk import LayerCols
-    from dropinf.store.writer import BatchRows
+    from dropinf.store.writer import BatchRows, store_layers
 
     torch.manual_seed(0)
     model, loss_fn, loader, track = build(name)
@@ -174,11 +173,7 @@ def child(name: str, variant: str, device: str) -> dict:
             warnings.simplefilter("ignore")
             # the store's per-batch path (store.writer): rows written by the hooks into one reused
             # (batch, width) buffer, laid out as the store's rows, then handed to the writer
-            layers, off = [], 0
-            for l in attr.layers:
-                layers.append(LayerCols(l.name, attr.compressors[l.name].r, off, 0))
-                off += layers[-1].r
-            stage = BatchRows(layers, loader.batch_size, torch.device(device))
+            stage = BatchRows(store_layers(attr), loader.batch_size, torch.device(device))
             t0 = time.perf_counter()
             attr.rows(capture, batches[0], None, out=stage.views)     # warm-up and the first-batch self-check
             if cuda:

@@ -81,12 +81,8 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
     if n == 0:
         raise EmptyDataError("the train loader's dataset is empty; nothing to featurize.")
     rank, world = dist_info()
-    layers, off, dims = [], 0, f.damping_dims()
-    for l in f.layers:
-        r = f.compressors[l.name].r
-        layers.append(LayerCols(l.name, r, off, dims[l.name]))
-        off += r
-    chunk_size = opts.rows_per_chunk(off)
+    layers = store_layers(f)
+    chunk_size = opts.rows_per_chunk(sum(l.r for l in layers))
     if chunk_size < 1:
         raise ConfigError("chunk_size must be ≥ 1")
     sig = f.signature()
@@ -126,6 +122,17 @@ def featurize_to_store(featurizer, loader, store: "str | Path | StoreOptions") -
         store.finalize()
     _barrier(world)
     return FeatureStore.open(path)
+
+
+def store_layers(featurizer) -> list[LayerCols]:
+    """The store's column layout of a Featurizer's rows: each tracked layer's r_l columns, in
+    layer order, with its damping dimension."""
+    layers, off, dims = [], 0, featurizer.damping_dims()
+    for l in featurizer.layers:
+        r = featurizer.compressors[l.name].r
+        layers.append(LayerCols(l.name, r, off, dims[l.name]))
+        off += r
+    return layers
 
 
 class BatchRows:
