@@ -28,6 +28,7 @@ finite), and the pass ends with a NonFiniteGradientError naming every bad exampl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -221,6 +222,29 @@ def func_refusal(f: Failure, module_type: str, low_dtype: str | None) -> str:
     return msg + " Refusing rather than returning wrong scores."
 
 
+def _tiled(fs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one contiguous (B, W) tensor whose numbers are exactly those of ``fs``, when they are the
+    column blocks of one row-major buffer that tile it side by side (the store's reused row buffer,
+    store.writer.BatchRows): one reduction over it reads each number once, in order."""
+    f0 = fs[0]
+    if f0.dim() != 2 or f0.dtype != torch.float32:
+        return None
+    B, W, ptr = f0.shape[0], f0.stride(0), f0.untyped_storage().data_ptr()
+    for f in fs:
+        if (f.dim() != 2 or f.dtype != f0.dtype or f.shape[0] != B or (B > 1 and f.stride(0) != W)
+                or (f.shape[1] > 1 and f.stride(1) != 1) or f.untyped_storage().data_ptr() != ptr):
+            return None
+    spans = sorted((f.storage_offset(), f.shape[1]) for f in fs)
+    start = end = spans[0][0]
+    for offset, width in spans:
+        if offset != end:
+            return None
+        end += width
+    if end - start != W:
+        return None
+    return f0.as_strided((B, W), (W, 1), start)
+
+
 def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int], list[str]]:
     """(example ids, layer names) whose features hold NaN/inf — one host sync when all are finite.
 
@@ -230,7 +254,9 @@ def nonfinite(feats: dict[str, torch.Tensor], first_id: int) -> tuple[list[int],
     finite rows past 1e38) is then checked entry by entry."""
     if not feats:
         return [], []
-    if bool(torch.isfinite(torch.stack([f.sum(dtype=torch.float32) for f in feats.values()])).all()):
+    whole = _tiled(list(feats.values()))
+    sums = [whole.sum(dtype=torch.float32)] if whole is not None else [f.sum(dtype=torch.float32) for f in feats.values()]
+    if math.isfinite(float(torch.stack(sums).sum()) if len(sums) > 1 else float(sums[0])):
         return [], []
     bad_rows, bad_layers = None, []
     for name, f in feats.items():
