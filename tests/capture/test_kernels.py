@@ -28,6 +28,63 @@ def test_whole_product_only_for_small_weights():
     assert not kernels.whole_cheaper(768, 768, plan(768, 768))  # nothing to pick: the picking path is the product
 
 
+def test_fastest_times_each_way_once_per_key_and_keeps_the_faster(monkeypatch):
+    import time
+    monkeypatch.setattr(kernels, "_FASTEST", {})
+    calls = []
+
+    def way(name, secs):
+        def run():
+            calls.append(name)
+            time.sleep(secs)
+            return torch.tensor([1.0])
+        return run
+
+    ways = {"slow": way("slow", 0.004), "quick": way("quick", 0.0)}
+    assert torch.equal(kernels.fastest(("k",), ways), torch.tensor([1.0]))
+    assert calls.count("slow") == 3 and kernels._FASTEST[("k",)] == "quick"
+    calls.clear()
+    kernels.fastest(("k",), ways)
+    assert calls == ["quick"]                      # decided: the other way is not run again
+    kernels.fastest(("other",), {"slow": ways["slow"]})
+    assert calls == ["quick", "slow"] and ("other",) not in kernels._FASTEST   # one way: no timing
+
+
+class _Lora(torch.nn.Module):
+    """A frozen (24, 24) Linear plus a rank-4 adapter B(A(x)): B is (24, 4), A (4, 24)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Linear(24, 24).requires_grad_(False)
+        self.A, self.B = torch.nn.Linear(24, 4, bias=False), torch.nn.Linear(4, 24, bias=False)
+        self.head = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head((self.base(x) + self.B(self.A(x))).mean(1))
+
+
+@pytest.mark.parametrize("way", ["whole", "pick"])
+def test_a_lora_product_gives_every_examples_row_either_way(monkeypatch, way):
+    """Small weights' kept entries by the whole per-example product or by picking columns first
+    (whichever the timing picks on a machine), row by row against a loop of single-example passes."""
+    from tests.capture.test_layouts import assert_rows
+    chosen = []
+
+    class Forced(dict):
+        def get(self, key, default=None):
+            chosen.append(key)
+            return way
+    monkeypatch.setattr(kernels, "_FASTEST", Forced())
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(6, 40, 24, generator=g), torch.randint(0, 3, (6,), generator=g))
+    from dropinf import Dropout
+    attr, said = assert_rows(_Lora(), batch, compressor=Dropout(r=16, seed=0))
+    assert {l.name for l in attr.layers} >= {"A", "B"} and chosen      # the timed choice was consulted
+    # and its rows passed the self-check as they are (a block that failed it is moved to torch.func)
+    assert not [m for m in said if "torch.func" in m], said
+
+
 def test_scratch_is_reused_per_slot():
     like = torch.empty(1)
     a, b = kernels.scratch(0, (4, 8), like), kernels.scratch(0, (2, 8), like)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .conv import Patches
-from .kernels import chunked_dot, columns, into_, last_dim, scratch, whole_cheaper
+from .kernels import chunked_dot, columns, fastest, into_, last_dim, scratch, whole_cheaper
 
 _CHUNK_ELEMS = 1 << 18  # cap on B*T*r elements gathered at once: 1 MB fp32 temporaries stay in cache
 _BMM_RATIO = 32         # batched matmul over distinct rows × columns when |O|·|K| ≤ this × r
@@ -187,16 +187,19 @@ class Use:
                 (last_dim(x, u) if dim == 2 else x.index_select(dim, u))
             if cf:
                 sub = torch.bmm(pick(d_cf, 1, plan["uo"]), pick(a_cf, 1, plan["uk"]).transpose(1, 2))
-            elif whole_cheaper(d.shape[2], a.shape[2], plan):
+                return sub.reshape(B, -1).index_select(1, plan["flat"])
+            ways = {"pick": lambda: torch.bmm(pick(d, 2, plan["uo"]).transpose(1, 2), pick(a, 2, plan["uk"]))
+                    .reshape(B, -1).index_select(1, plan["flat"])}
+            if whole_cheaper(d.shape[2], a.shape[2], plan):
                 # picking δ's and a's columns copies them one number at a time (a strided gather); for
-                # a small weight (a LoRA matrix) every per-example entry costs less: 3-5x faster measured
-                dense = plan.get("dense")
-                if dense is None:        # the kept entries' positions in the (out, in) product
-                    dense = plan["dense"] = o * a.shape[2] + k
-                return torch.bmm(d.transpose(1, 2), a).reshape(B, -1).index_select(1, dense)
-            else:
-                sub = torch.bmm(pick(d, 2, plan["uo"]).transpose(1, 2), pick(a, 2, plan["uk"]))
-            return sub.reshape(B, -1).index_select(1, plan["flat"])
+                # a small weight (a LoRA matrix) every per-example entry may cost less (3-5x faster on
+                # one CPU, 4x slower on another): timed on the CPU, the rule elsewhere
+                if plan.get("dense") is None:        # the kept entries' positions in the (out, in) product
+                    plan["dense"] = o * a.shape[2] + k
+                whole = lambda: torch.bmm(d.transpose(1, 2), a).reshape(B, -1).index_select(1, plan["dense"])
+                ways = {"whole": whole, **ways} if d.device.type == "cpu" else {"whole": whole}
+            return fastest(("product", torch.get_num_threads(), B.bit_length(), T.bit_length(), tuple(d.shape[2:]),
+                            tuple(a.shape[2:]), plan["uo"].numel(), plan["uk"].numel()), ways)
         out = into if into is not None else torch.empty(B, o.numel(), device=d.device, dtype=d.dtype)
         if cf:                               # (B, step, T) each side, summed over T
             return chunked_dot(d_cf, o, lambda s0, s1, buf: torch.index_select(a_cf, 1, k[s0:s1], out=buf),
