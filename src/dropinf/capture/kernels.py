@@ -74,8 +74,9 @@ def fastest(key: tuple, ways: dict) -> torch.Tensor:
     For kernels whose speed order depends on the machine's BLAS, not on the shapes alone (a batched
     matmul of a strided operand was 4.6x slower than picking columns first on one 2-core CPU, 3-5x
     faster on another): the first call runs each way three times, interleaved, and keeps the
-    fastest for every later call with that key (callers put the device type, the thread count and
-    the shapes in it). CPU only; the ways compute the same numbers (up to the order of their sums)."""
+    fastest for every later call with that key (callers put the thread count and the shapes in it,
+    and pass several ways on the CPU only: elsewhere the kernels run asynchronously, so a host
+    clock would not time them). The ways compute the same numbers up to the order of their sums."""
     if len(ways) == 1:
         return next(iter(ways.values()))()
     way = _FASTEST.get(key)
