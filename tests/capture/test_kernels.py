@@ -1,10 +1,15 @@
 """capture.kernels: the column copy gives x[:, idx] whichever kernel the timing picks, into
-contiguous and strided memory; the whole-product rule picks the product for small weights only."""
+contiguous and strided memory; the whole-product rule admits the product for small weights only,
+and either way a timed choice keeps gives every example's own row."""
+
+import time
 
 import pytest
 import torch
 
+from dropinf import Dropout
 from dropinf.capture import kernels
+from tests.capture.test_layouts import assert_rows
 
 
 @pytest.mark.parametrize("way", ["gather", "index_select", None])
@@ -29,7 +34,6 @@ def test_whole_product_only_for_small_weights():
 
 
 def test_fastest_times_each_way_once_per_key_and_keeps_the_faster(monkeypatch):
-    import time
     monkeypatch.setattr(kernels, "_FASTEST", {})
     calls = []
 
@@ -67,7 +71,6 @@ class _Lora(torch.nn.Module):
 def test_a_lora_product_gives_every_examples_row_either_way(monkeypatch, way):
     """Small weights' kept entries by the whole per-example product or by picking columns first
     (whichever the timing picks on a machine), row by row against a loop of single-example passes."""
-    from tests.capture.test_layouts import assert_rows
     chosen = []
 
     class Forced(dict):
@@ -78,7 +81,6 @@ def test_a_lora_product_gives_every_examples_row_either_way(monkeypatch, way):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(6, 40, 24, generator=g), torch.randint(0, 3, (6,), generator=g))
-    from dropinf import Dropout
     attr, said = assert_rows(_Lora(), batch, compressor=Dropout(r=16, seed=0))
     assert {l.name for l in attr.layers} >= {"A", "B"} and chosen      # the timed choice was consulted
     # and its rows passed the self-check as they are (a block that failed it is moved to torch.func)
