@@ -32,48 +32,15 @@ def scratch(slot: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-_COLUMN_WAY: dict = {}   # (device type, threads) -> "gather" or "index_select", into contiguous memory
-
-
-def columns(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` = x[:, idx] for a 2-D x. Two kernels copy the same numbers (so the rows are the same
-    either way): torch.gather with the index broadcast over the rows, which runs on every thread,
-    and index_select along dim 1, which runs on one but 2-2.5× faster per thread. Which wins
-    depends on the machine and the thread count (on two threads gather was 1.5-2× faster on one
-    2-core CPU, index_select 1.2× faster on another), so the first call per device type and
-    thread count times both on its own numbers and keeps the faster. Into a strided ``out`` (a
-    column block of the caller's row buffer) index_select is 5× slower: gather."""
-    key = (x.device.type, torch.get_num_threads())
-    way = _COLUMN_WAY.get(key) if out.is_contiguous() else "gather"
-    if way is None:
-        if x.device.type != "cpu":
-            way = "gather"
-        else:
-            secs: dict[str, list] = {"gather": [], "index_select": []}
-            for w in ("gather", "index_select") * 3:
-                t0 = time.perf_counter()
-                _column_copy(x, idx, out, w)
-                secs[w].append(time.perf_counter() - t0)
-            way = "index_select" if min(secs["index_select"]) < min(secs["gather"]) else "gather"
-        _COLUMN_WAY[key] = way
-    return _column_copy(x, idx, out, way)
-
-
-def _column_copy(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, way: str) -> torch.Tensor:
-    if way == "gather":
-        return torch.gather(x, 1, idx.expand(x.shape[0], -1), out=out)
-    return torch.index_select(x, 1, idx, out=out)
-
-
 _FASTEST: dict = {}      # key -> the name of the way its first call timed fastest
 
 
 def fastest(key: tuple, ways: dict) -> torch.Tensor:
     """``ways[name]()`` for the way that the first call with ``key`` timed fastest, or the only one.
 
-    For kernels whose speed order depends on the machine's BLAS, not on the shapes alone (a batched
-    matmul of a strided operand was 4.6x slower than picking columns first on one 2-core CPU, 3-5x
-    faster on another): the first call runs each way three times, interleaved, and keeps the
+    For kernels whose speed order depends on the machine, not on the shapes alone (a batched matmul
+    of a strided operand was 4.6x slower than picking columns first on one 2-core CPU, 3-5x faster
+    on another; gather against index_select, ``columns``): the first call runs each way three times, interleaved, and keeps the
     fastest for every later call with that key (callers put the thread count and the shapes in it,
     and pass several ways on the CPU only: elsewhere the kernels run asynchronously, so a host
     clock would not time them). The ways compute the same numbers up to the order of their sums."""
@@ -89,6 +56,26 @@ def fastest(key: tuple, ways: dict) -> torch.Tensor:
         secs[name] = min(secs.get(name, math.inf), time.perf_counter() - t0)
     _FASTEST[key] = way = min(secs, key=secs.get)
     return result if way == name else ways[way]()
+
+
+def columns(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = x[:, idx] for a 2-D x. Two kernels copy the same numbers (so the rows are the same
+    either way): torch.gather with the index broadcast over the rows, which runs on every thread,
+    and index_select along dim 1, which runs on one but 2-2.5× faster per thread. Which wins
+    depends on the machine and the thread count (on two threads gather was 1.5-2× faster on one
+    2-core CPU, index_select 1.2× faster on another), so on the CPU the first call per thread
+    count times both (``fastest``) and keeps the faster. Into a strided ``out`` (a column block of
+    the caller's row buffer) index_select is 5× slower: gather, as on other devices."""
+    if x.device.type != "cpu" or not out.is_contiguous():
+        return _column_copy(x, idx, out, "gather")
+    return fastest(("columns", torch.get_num_threads()),
+                   {w: (lambda w=w: _column_copy(x, idx, out, w)) for w in ("gather", "index_select")})
+
+
+def _column_copy(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, way: str) -> torch.Tensor:
+    if way == "gather":
+        return torch.gather(x, 1, idx.expand(x.shape[0], -1), out=out)
+    return torch.index_select(x, 1, idx, out=out)
 
 
 def whole_cheaper(n_out: int, n_in: int, plan: dict) -> bool:
